@@ -1,0 +1,7 @@
+"""Capture and the thin graph layer that passes see."""
+
+from .capture import capture, load
+from .graph import Graph, TensorSpec
+from .structures import AttentionBlock, Linear
+
+__all__ = ["capture", "load", "Graph", "TensorSpec", "AttentionBlock", "Linear"]

@@ -1,0 +1,259 @@
+"""Getting graphs in and out: torch.export capture, ONNX load/save, reference execution."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CaptureError, InputFileError, SlimcError, UnsupportedError
+from .graph import Graph
+
+# ONNX protobufs cannot exceed 2 GiB; above this we save weights as external data.
+_EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _to_numpy_inputs(example_inputs) -> tuple[np.ndarray, ...]:
+    import torch
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            out.append(x.detach().cpu().numpy())
+        else:
+            out.append(np.asarray(x))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.MultiheadAttention / TransformerEncoderLayer have an inference fast path that is one
+    opaque op; capture the decomposed form so passes can see the heads."""
+    import torch
+    backends = getattr(torch.backends, "mha", None)
+    if backends is None:
+        yield
+        return
+    old = backends.get_fastpath_enabled()
+    backends.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        backends.set_fastpath_enabled(old)
+
+
+def capture(module, example_inputs, *, dynamic_shapes=None, strict: bool = False) -> Graph:
+    """Capture ``module(*example_inputs)`` with ``torch.export`` into an FX :class:`Graph`.
+
+    The module is deep-copied first and put in eval mode on the copy, so passes on the graph can
+    never change the user's weights.
+    """
+    import torch
+    if not isinstance(module, torch.nn.Module):
+        raise CaptureError(f"slimc.capture() needs a torch.nn.Module, got {type(module).__name__}.",
+                           "Wrap your function in a torch.nn.Module.")
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+                           for x in example_inputs)
+    try:
+        mod = copy.deepcopy(module).eval()
+    except Exception as e:
+        raise CaptureError(f"Could not copy the module before capture: {e}",
+                           "slimc copies the module so it never edits your weights; make the "
+                           "module deep-copyable.") from e
+    try:
+        with _no_mha_fastpath(), torch.no_grad():
+            ep = torch.export.export(mod, example_inputs, dynamic_shapes=dynamic_shapes,
+                                     strict=strict)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("If it is a transformers model returning a cache, pass use_cache=False in its "
+                "config. " if "Cache" in str(e) else "")
+        raise CaptureError(
+            f"torch.export could not capture {type(module).__name__}: {msg[:400]}",
+            f"{hint}Make the forward traceable (no data-dependent Python control flow, "
+            "no unsupported outputs), or export it to ONNX yourself and use slimc.load().") from e
+    gm = ep.module()
+    names = [spec.arg.name for spec in ep.graph_signature.input_specs
+             if spec.kind.name == "USER_INPUT"]
+    n_out = len(ep.graph_signature.user_outputs)
+    return Graph("fx", gm, example_inputs=_to_numpy_inputs(example_inputs), input_names=names,
+                 output_names=[f"output_{i}" for i in range(n_out)], history=["capture"])
+
+
+def run_fx(gm, inputs) -> list[np.ndarray]:
+    import torch
+    import torch.utils._pytree as pytree
+    args = [torch.as_tensor(np.ascontiguousarray(x)) for x in inputs]
+    with torch.no_grad():
+        out = gm(*args)
+    leaves = pytree.tree_leaves(out)
+    return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _ort_session(model):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        _save_onnx(model, path)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, inputs) -> list[np.ndarray]:
+    try:
+        sess = _ort_session(model)
+    except Exception as e:
+        raise UnsupportedError(f"onnxruntime cannot run this model: {str(e).strip()[:400]}",
+                               "Check the model with `slimc inspect`; unsupported ops or "
+                               "domains must be removed or replaced.") from e
+    names = [i.name for i in sess.get_inputs()]
+    feeds = {n: np.ascontiguousarray(x) for n, x in zip(names, inputs)}
+    return [np.asarray(o) for o in sess.run(None, feeds)]
+
+
+def load(path) -> Graph:
+    """Load an ONNX model (external data next to it is loaded too) into an ONNX :class:`Graph`."""
+    import onnx
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"No such file: {path}.", "Check the path to the ONNX model.")
+    if path.is_dir():
+        raise InputFileError(f"{path} is a directory, not an ONNX file.",
+                             "Pass the path of the .onnx file inside it.")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputFileError(f"Cannot read {path}: {e.strerror}.", "Check its permissions.") from e
+    if not data:
+        raise InputFileError(f"{path} is empty (0 bytes).", "Re-export the model.")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:
+        raise InputFileError(
+            f"{path} is not a valid ONNX model: the protobuf does not parse "
+            f"({type(e).__name__}). The file is probably truncated or corrupt.",
+            "Re-export or re-download the model.") from e
+    if not model.graph.node and not model.graph.output:
+        raise InputFileError(f"{path} parses but holds no graph (no nodes, no outputs): it is "
+                             "not an ONNX model or it is corrupt.", "Re-export the model.")
+    try:
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+        if any(uses_external_data(t) for t in model.graph.initializer):
+            load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as e:
+        raise InputFileError(
+            f"{path} refers to external weight data that cannot be read: {e}.",
+            "Keep the .onnx file next to its external data file(s), with their original "
+            "names.") from e
+    try:
+        if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise InputFileError(
+            f"{path} is not a valid ONNX model: {str(e).strip().splitlines()[0][:400]}",
+            "Fix the model (onnx.checker.check_model names the offending node) or re-export "
+            "it.") from e
+    if not model.graph.output:
+        raise InputFileError(f"{path} has no graph outputs.", "Re-export the model.")
+    return Graph("onnx", model, history=["load"])
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _save_onnx(model, path) -> None:
+    """Save atomically: a temporary file in the same folder, renamed into place."""
+    import onnx
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+            tmp.write_bytes(model.SerializeToString())
+            os.replace(tmp, path)
+            return
+        data_name = path.name + ".data"
+        tmp_data = _atomic_target(path.parent / data_name)
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        onnx.save_model(m, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=tmp_data.name, size_threshold=1024)
+        # the model refers to the data file by its final name
+        for t in m.graph.initializer:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    kv.value = data_name
+        onnx.save_model(m, str(tmp))
+        os.replace(tmp_data, path.parent / data_name)
+        os.replace(tmp, path)
+    finally:
+        for p in (tmp,):
+            if p.exists():
+                p.unlink()
+
+
+def save(graph: Graph, path) -> None:
+    path = Path(path)
+    if path.suffix == ".pt2":
+        import torch
+        ep = export_program(graph)
+        tmp = _atomic_target(path)
+        try:
+            torch.export.save(ep, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return
+    if path.suffix != ".onnx":
+        raise SlimcError(f"Cannot save to {path}: unknown extension {path.suffix!r}.",
+                         "Use .onnx (ONNX) or .pt2 (torch.export program).")
+    _save_onnx(graph.to_onnx(), path)
+
+
+def export_program(graph: Graph):
+    """Re-export the FX graph module into a fresh ExportedProgram."""
+    import torch
+    if graph.backend != "fx":
+        raise UnsupportedError("Only FX graphs can become a torch.export program.",
+                               "Use graph.save('model.onnx') for ONNX graphs.")
+    args = tuple(torch.as_tensor(x) for x in graph.example_inputs)
+    try:
+        with torch.no_grad():
+            return torch.export.export(graph.native, args, strict=False)
+    except Exception as e:
+        raise CaptureError(f"Re-exporting the FX graph failed: {str(e).splitlines()[0][:400]}",
+                           "This is a slimc bug if a pass produced the graph; please report "
+                           "it with the pass list.") from e
+
+
+def fx_to_onnx(graph: Graph):
+    import torch
+    ep = export_program(graph)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            prog = torch.onnx.export(ep, tuple(torch.as_tensor(x) for x in graph.example_inputs),
+                                     dynamo=True, verbose=False, input_names=graph.input_names,
+                                     external_data=False)
+    except Exception as e:
+        raise UnsupportedError(f"torch.onnx could not export this graph: "
+                               f"{str(e).strip().splitlines()[0][:400]}",
+                               "Export the original module with torch.onnx.export yourself and "
+                               "use slimc.load().") from e
+    return prog.model_proto

@@ -1,0 +1,185 @@
+"""ONNX backend adapter: an ``onnx.ModelProto`` seen by slimc.
+
+Weights are initializers (and ``Constant`` node values), named by their tensor name.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .view import View, VNode
+
+_RESHAPE = {"Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+_IDENTITY = {"Identity", "Dropout", "Cast", "CastLike"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Neg", "Pow", "Sqrt", "Max", "Min"}
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def constants(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
+    """Value name → (source weight name, transposed?) for every value that is a constant:
+    initializers, Constant nodes, and Identity/Transpose of those (TorchScript exports alias
+    shared weights through Identity; some exporters store a Linear weight pre-transposed)."""
+    g = model.graph
+    consts: dict[str, tuple[str, bool]] = {i.name: (i.name, False) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            consts[n.output[0]] = (n.output[0], False)
+        elif n.op_type == "Identity" and n.input and n.input[0] in consts:
+            consts[n.output[0]] = consts[n.input[0]]
+        elif n.op_type == "Transpose" and n.input and n.input[0] in consts:
+            src, tr = consts[n.input[0]]
+            perm = _attr(n, "perm")
+            if not tr and (perm is None or list(perm) == [1, 0]):
+                consts[n.output[0]] = (src, True)
+    return consts
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is best effort; discovery then relies on weights
+        inferred = model
+    shapes = {}
+    g = inferred.graph
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                                for d in t.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def build_view(model: onnx.ModelProto) -> View:
+    g = model.graph
+    consts = constants(model)
+    shapes = _infer_shapes(model)
+    dims = {name: shapes.get(name) for name in consts}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes: list[VNode] = []
+    for idx, n in enumerate(g.node):
+        name = n.name or f"{n.op_type}_{idx}"
+        op_type = n.op_type
+        data = [i for i in n.input if i and i not in consts]
+        if op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and n.input[1] in consts \
+                and n.input[0] not in consts and (op_type == "MatMul" or not _attr(n, "transA", 0)):
+            src, transposed = consts[n.input[1]]
+            wshape = dims.get(src) or shapes.get(src)
+            if wshape and len(wshape) == 2:
+                layout = "in_out"
+                if op_type == "Gemm" and _attr(n, "transB", 0):
+                    layout = "out_in"
+                if transposed:
+                    layout = "out_in" if layout == "in_out" else "in_out"
+                out_f, in_f = (wshape[0], wshape[1]) if layout == "out_in" else (wshape[1],
+                                                                                   wshape[0])
+                bias = None
+                if op_type == "Gemm" and len(n.input) > 2 and n.input[2] in consts:
+                    bias = consts[n.input[2]][0]
+                else:
+                    bias = _bias_add(n.output[0], consts, shapes, out_f, consumers)
+                nodes.append(VNode(name, "linear", [n.input[0]], list(n.output),
+                                   {"weight": src, "bias": bias, "layout": layout,
+                                    "in_features": int(in_f), "out_features": int(out_f),
+                                    "weight_value": n.input[1]}))
+                continue
+        if op_type in ("MatMul", "Gemm"):
+            op = "matmul"
+        elif op_type == "Softmax":
+            op = "softmax"
+        elif op_type in _RESHAPE:
+            op, data = "reshape", n.input[:1]
+        elif op_type == "Transpose":
+            op, data = "transpose", n.input[:1]
+        elif op_type in ("Expand", "Tile"):
+            op, data = "expand", n.input[:1]
+        elif op_type in _IDENTITY:
+            op, data = "identity", n.input[:1]
+        elif op_type in _ELEMENTWISE:
+            op = "elementwise"
+            if op_type == "Where":
+                data = [i for i in n.input[1:] if i and i not in consts]
+        elif op_type == "Split":
+            op, data = "split", n.input[:1]
+        elif op_type == "Slice":
+            op, data = "slice", n.input[:1]
+        elif op_type == "Gather" and len(n.input) > 1 and n.input[1] in consts:
+            op, data = "select", n.input[:1]
+        elif op_type == "Concat":
+            op = "concat"
+        else:
+            op = "other"
+        nodes.append(VNode(name, op, [d for d in data if d], list(n.output)))
+    return View(nodes, shapes)
+
+
+def _bias_add(value, consts, shapes, out_f, consumers) -> str | None:
+    """The bias of the Add right after a MatMul: its other input, a 1-D constant of the output
+    width."""
+    users = consumers.get(value, [])
+    if len(users) != 1 or users[0].op_type != "Add":
+        return None
+    n = users[0]
+    other = n.input[1] if n.input[0] == value else n.input[0]
+    if other in consts:
+        src = consts[other][0]
+        if tuple(shapes.get(src) or ()) == (out_f,):
+            return src
+    return None
+
+
+def _const_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def get_weight(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for i in model.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i)
+    node = _const_nodes(model).get(name)
+    if node is not None:
+        return numpy_helper.to_array(_attr(node, "value"))
+    raise KeyError(name)
+
+
+def set_weight(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for i in model.graph.initializer:
+        if i.name == name:
+            i.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=numpy_helper.to_array(
+                i).dtype), name))
+            return
+    node = _const_nodes(model).get(name)
+    if node is None:
+        raise KeyError(name)
+    for a in node.attribute:
+        if a.name == "value":
+            old = numpy_helper.to_array(a.t)
+            a.t.CopyFrom(numpy_helper.from_array(np.asarray(value, dtype=old.dtype)))
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter:
+    return Counter((f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                   for n in model.graph.node)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    return model.ByteSize()
