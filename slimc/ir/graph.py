@@ -47,6 +47,7 @@ class Graph:
         self._input_names = list(input_names) if input_names else None
         self._output_names = list(output_names) if output_names else None
         self.history = list(history)
+        self.last_stats: dict = {}  # what the last pass that made this graph reported
 
     # -- access to the native object ------------------------------------------------------
     @property

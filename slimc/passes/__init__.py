@@ -1,0 +1,10 @@
+"""Graph passes. Each is a registered function: ``g2 = passes.NAME(g, **options)`` returns a new
+graph of the same kind (``slimc.Graph``, ``torch.fx.GraphModule`` or ``onnx.ModelProto``) and never
+edits ``g``; ``passes.NAME.run(g, **options)`` returns the :class:`PassResult` with statistics.
+"""
+
+from .registry import (Exact, Lossy, PassInfo, PassResult, as_graph, get_pass, list_passes,
+                       register_pass)
+
+__all__ = ["Exact", "Lossy", "PassInfo", "PassResult", "as_graph", "get_pass", "list_passes",
+           "register_pass"]
