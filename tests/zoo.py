@@ -18,6 +18,7 @@ class _HFWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
         self.key = key
+        self.eval()
 
     def forward(self, *args):
         return self.model(*args)[self.key] if self.key else self.model(*args)[0]
@@ -109,3 +110,39 @@ ZOO = {
     "llama": llama,
     "llama_eager": lambda: llama("eager"),
 }
+
+
+# Exporters: "dynamo" works on every entry; TorchScript ("ts") only where torch supports the ops.
+TS_EXPORTABLE = ("mha", "bert", "bert_eager", "distilbert", "vit")
+
+
+def to_onnx(name: str, exporter: str = "dynamo"):
+    """The zoo model ``name`` exported to an ``onnx.ModelProto`` (cached; callers get a copy)."""
+    import onnx
+    model = onnx.ModelProto()
+    model.CopyFrom(_export_cached(name, exporter))
+    return model
+
+
+def _export_cached(name, exporter, _cache={}):
+    key = (name, exporter)
+    if key not in _cache:
+        import contextlib
+        import io
+
+        import onnx
+        module, inputs, _ = ZOO[name]()
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        # the inference fast path of nn.MultiheadAttention is one opaque op that the TorchScript
+        # exporter cannot export; export the decomposed form, as slimc.capture does
+        torch.backends.mha.set_fastpath_enabled(False)
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            if exporter == "dynamo":
+                proto = torch.onnx.export(module, inputs, dynamo=True, verbose=False).model_proto
+            else:
+                buf = io.BytesIO()
+                torch.onnx.export(module, inputs, buf, dynamo=False, opset_version=17)
+                proto = onnx.load_from_string(buf.getvalue())
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        _cache[key] = proto
+    return _cache[key]

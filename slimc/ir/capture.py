@@ -123,14 +123,45 @@ def run_onnx(model, inputs) -> list[np.ndarray]:
 
 
 def load(path) -> Graph:
-    """Load an ONNX model (external data next to it is loaded too) into an ONNX :class:`Graph`."""
-    import onnx
+    """Load a model file into a :class:`Graph`.
+
+    ``.onnx``: an ONNX model (external data next to it is loaded too) → ONNX backend.
+    ``.pt2``: a ``torch.export.save``-d program (with its example inputs) → FX backend.
+    """
     path = Path(path)
     if not path.exists():
-        raise InputFileError(f"No such file: {path}.", "Check the path to the ONNX model.")
+        raise InputFileError(f"No such file: {path}.", "Check the path to the model file.")
     if path.is_dir():
-        raise InputFileError(f"{path} is a directory, not an ONNX file.",
-                             "Pass the path of the .onnx file inside it.")
+        raise InputFileError(f"{path} is a directory, not a model file.",
+                             "Pass the path of the .onnx (or .pt2) file inside it.")
+    if path.suffix == ".pt2":
+        return _load_pt2(path)
+    return _load_onnx(path)
+
+
+def _load_pt2(path: Path) -> Graph:
+    import torch
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:
+        raise InputFileError(f"{path} is not a loadable torch.export program: "
+                             f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else e!r}",
+                             "Re-save it with torch.export.save() or slimc's graph.save('x.pt2'). "
+                             "The file may be truncated or from an incompatible torch "
+                             "version.") from e
+    args = ep.example_inputs[0] if ep.example_inputs else None
+    if args is None:
+        raise InputFileError(f"{path} holds no example inputs.",
+                             "Export with torch.export.export(module, example_args) so the "
+                             "program records them.")
+    names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    n_out = len(ep.graph_signature.user_outputs)
+    return Graph("fx", ep.module(), example_inputs=_to_numpy_inputs(args), input_names=names,
+                 output_names=[f"output_{i}" for i in range(n_out)], history=["load"])
+
+
+def _load_onnx(path: Path) -> Graph:
+    import onnx
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -151,7 +182,7 @@ def load(path) -> Graph:
         from onnx.external_data_helper import load_external_data_for_model, uses_external_data
         if any(uses_external_data(t) for t in model.graph.initializer):
             load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, or onnx's ValidationError for a missing/odd file
         raise InputFileError(
             f"{path} refers to external weight data that cannot be read: {e}.",
             "Keep the .onnx file next to its external data file(s), with their original "

@@ -1,0 +1,262 @@
+"""The ``slimc`` command.
+
+Every user error is a :class:`slimc.SlimcError`: the CLI prints its message and exits with code 2,
+without a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import OptionError, SlimcError
+
+
+def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in items or []:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise OptionError(f"Cannot read the input shape {item!r}.",
+                              "Write it as NAME=1x128 (dimensions separated by 'x').") from None
+        if not name or any(d <= 0 for d in shapes[name]):
+            raise OptionError(f"Input shape {item!r} is not valid.",
+                              "Write it as NAME=1x128 with positive dimensions.")
+    return shapes
+
+
+def _load_model(path: str):
+    from . import load
+    return load(path)
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{int(n)}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def inspect_graph(g) -> dict:
+    """What ``slimc inspect`` reports, as a JSON-able dict."""
+    blocks = g.attention_blocks()
+    params = g.num_parameters()
+    nnz = g.nonzeros()
+    return {
+        "backend": g.backend,
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
+                   for s in g.input_specs()],
+        "parameters": params,
+        "nonzeros": nnz,
+        "sparsity": 0.0 if params == 0 else 1 - nnz / params,
+        "serialized_bytes": g.serialized_size(),
+        "attention": [{"layer": b.layer, "name": b.name, "heads": b.num_heads,
+                       "kv_heads": b.num_kv_heads, "head_dim": b.head_dim, "form": b.form,
+                       "fused_qkv": b.fused_qkv,
+                       "weights": {k: getattr(b, k).weight for k in "qkvo"}} for b in blocks],
+        "ops": dict(g.op_histogram().most_common()),
+    }
+
+
+def cmd_inspect(args) -> int:
+    g = _load_model(args.model)
+    info = inspect_graph(g)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model       {args.model}  ({info['backend']})")
+    for s in info["inputs"]:
+        print(f"input       {s['name']}: {s['dtype']}{s['shape']}")
+    print(f"parameters  {info['parameters']:,}  ({_human(info['parameters'])})")
+    print(f"sparsity    {info['sparsity']:.1%} zeros")
+    print(f"size        {info['serialized_bytes']:,} bytes")
+    att = info["attention"]
+    total = sum(a["heads"] for a in att)
+    print(f"\nattention   {len(att)} blocks, {total} heads")
+    if att:
+        rows = [[a["layer"], a["name"], a["heads"], a["kv_heads"], a["head_dim"], a["form"],
+                 "yes" if a["fused_qkv"] else "no"] for a in att]
+        print(_table(rows, ["layer", "name", "heads", "kv_heads", "head_dim", "form",
+                            "fused_qkv"]))
+    print("\nops")
+    print(_table([[k, v] for k, v in info["ops"].items()], ["op", "count"]))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .codegen import compile as slimc_compile
+    g = _load_model(args.model)
+    print(f"slimc: compiling {args.model} for {args.target} ...", file=sys.stderr)
+    art = slimc_compile(g, target=args.target, input_shapes=_parse_shapes(args.input_shape) or None)
+    art.save(args.output)
+    print(f"slimc: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _read_inputs(path: str, specs) -> list[np.ndarray]:
+    from .errors import InputFileError
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"No such inputs file: {p}.", "Pass an .npz written by numpy.savez.")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise InputFileError(f"{p} is not a readable .npz file ({type(e).__name__}).",
+                             "Write it with numpy.savez(path, name=array, ...).") from e
+    names = [s["name"] if isinstance(s, dict) else s.name for s in specs]
+    if all(n in arrays for n in names):
+        return [arrays[n] for n in names]
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if all(n in arrays for n in positional):
+        return [arrays[n] for n in positional]
+    raise OptionError(f"{p} holds arrays {sorted(arrays)} but the model takes inputs {names}.",
+                      "Name the arrays after the model's inputs (numpy.savez(path, "
+                      + ", ".join(f"{n}=..." for n in names) + ")).")
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".npz", dir=p.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def cmd_run(args) -> int:
+    from . import runtime
+    m = runtime.load(args.artifact)
+    inputs = _read_inputs(args.inputs, m.input_specs)
+    outputs = m(*inputs)
+    for name, out in zip(m.output_names, outputs):
+        print(f"{name}: {out.dtype}{list(out.shape)}  mean={float(np.mean(out)):.6g} "
+              f"max|x|={float(np.max(np.abs(out))) if out.size else 0:.6g}")
+    if args.output:
+        _write_npz(args.output, dict(zip(m.output_names, outputs)))
+        print(f"slimc: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import runtime
+    m = runtime.load(args.artifact)
+    stats = m.benchmark(repeat=args.repeat, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(_table([[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in stats.items()],
+                     ["statistic", "value"]))
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from . import passes
+    rows = []
+    for info in passes.list_passes():
+        kind = "exact" if info.contract.exact else "lossy"
+        summary = info.doc.splitlines()[0] if info.doc else ""
+        rows.append([info.name, kind, ", ".join(info.options), summary])
+    print(_table(rows, ["pass", "numerics", "options", "summary"]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="slimc", description="Make Transformer models small and "
+                                "fast: capture, compress, compile with TVM.")
+    p.add_argument("--version", action="version", version=f"slimc {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="attention blocks, parameters, sparsity, op histogram")
+    s.add_argument("model", help="model file (.onnx or .pt2)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("compile", help="compile a model with TVM into an artifact directory")
+    s.add_argument("model", help="model file (.onnx or .pt2)")
+    s.add_argument("--target", default="x86", help="x86 (this CPU), arm, cuda, or a TVM target")
+    s.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    s.add_argument("--input-shape", action="append", metavar="NAME=1x128",
+                   help="static shape for an input with symbolic dimensions (repeatable)")
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
+    s.add_argument("artifact", help="artifact directory written by `slimc compile`")
+    s.add_argument("--inputs", required=True, help=".npz with one array per model input")
+    s.add_argument("-o", "--output", help="write the outputs to this .npz")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bench", help="time a compiled artifact on random inputs")
+    s.add_argument("artifact", help="artifact directory written by `slimc compile`")
+    s.add_argument("--repeat", type=int, default=20)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("passes", help="list the registered passes")
+    s.add_argument("--list", action="store_true", help="list passes (the default)")
+    s.set_defaults(func=cmd_passes)
+
+    s = sub.add_parser("demo", help="end-to-end demo on a real pretrained model")
+    s.add_argument("--seq", type=int, default=128, help="sequence length")
+    s.add_argument("--repeat", type=int, default=10, help="timing repetitions")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except SlimcError as e:
+        if args.debug:
+            raise
+        print(f"slimc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("slimc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in slimc or a library: say so, keep the traceback for --debug
+        if args.debug:
+            raise
+        print(f"slimc: internal error: {type(e).__name__}: {str(e).strip()[:500]}\n"
+              "This is a bug in slimc (or a library it uses). Run again with --debug for the "
+              "traceback and report it.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
