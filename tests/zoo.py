@@ -124,8 +124,12 @@ def to_onnx(name: str, exporter: str = "dynamo"):
     return model
 
 
-def _export_cached(name, exporter, _cache={}):
+_EXPORTS: dict = {}
+
+
+def _export_cached(name, exporter):
     key = (name, exporter)
+    _cache = _EXPORTS
     if key not in _cache:
         import contextlib
         import io

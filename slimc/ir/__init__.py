@@ -4,4 +4,4 @@ from .capture import capture, load
 from .graph import Graph, TensorSpec
 from .structures import AttentionBlock, Linear
 
-__all__ = ["capture", "load", "Graph", "TensorSpec", "AttentionBlock", "Linear"]
+__all__ = ["AttentionBlock", "Graph", "Linear", "TensorSpec", "capture", "load"]

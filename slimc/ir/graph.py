@@ -65,7 +65,7 @@ class Graph:
                                    "Use graph.to_onnx() to convert it.")
         return self.native
 
-    def copy(self) -> "Graph":
+    def copy(self) -> Graph:
         """A deep copy: weights included, so editing the copy never touches this graph."""
         if self.backend == "fx":
             native = _copy.deepcopy(self.native)

@@ -47,7 +47,7 @@ def constants(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is best effort; discovery then relies on weights
+    except Exception:  # noqa: BLE001 - shape inference is best effort here
         inferred = model
     shapes = {}
     g = inferred.graph

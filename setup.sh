@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up slimc on a fresh machine: a virtual environment in .venv with slimc and its pinned
+# dependencies. `./setup.sh --test` also installs what the test suite needs.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $("$PY" --version)" >&2
+    "$PY" -m venv .venv
+fi
+extras="demo"
+if [ "${1:-}" = "--test" ]; then
+    extras="demo,test"
+fi
+echo "setup: installing slimc[$extras] (torch CPU build, TVM, onnx, onnxruntime) ..." >&2
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+echo "setup: done" >&2
