@@ -1,10 +1,13 @@
 """Graph passes. Each is a registered function: ``g2 = passes.NAME(g, **options)`` returns a new
 graph of the same kind (``slimc.Graph``, ``torch.fx.GraphModule`` or ``onnx.ModelProto``) and never
 edits ``g``; ``passes.NAME.run(g, **options)`` returns the :class:`PassResult` with statistics.
+``PassManager`` runs a list of them with a numerics check and a report per pass.
 """
 
 from .registry import (Exact, Lossy, PassInfo, PassResult, as_graph, get_pass, list_passes,
                        register_pass)
+from .manager import PassManager  # noqa: E402  (after the registry it builds on)
+from .cleanup import cleanup  # noqa: E402  (importing registers the pass)
 
 __all__ = ["Exact", "Lossy", "PassInfo", "PassResult", "as_graph", "get_pass", "list_passes",
-           "register_pass"]
+           "register_pass", "PassManager", "cleanup"]

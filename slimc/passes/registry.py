@@ -7,6 +7,7 @@ listed by ``slimc passes --list`` and reachable from recipes by name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -61,6 +62,37 @@ class PassInfo:
 _REGISTRY: dict[str, PassInfo] = {}
 
 
+class Instrument:
+    """Callbacks around a pass (TVM's ``pass_instrument``): override ``before``, ``after`` or
+    both. ``graph`` is always a :class:`slimc.Graph`; an instrument must not edit it."""
+
+    def before(self, name: str, graph) -> None:
+        pass
+
+    def after(self, name: str, graph, result: PassResult) -> None:
+        pass
+
+
+# Instruments run around every registered pass, wherever it is called from (the tests switch
+# verification on here for every pass in every test; see tests/conftest.py).
+_INSTRUMENTS: list[Instrument] = []
+
+
+@contextlib.contextmanager
+def instrument_all_passes(*instruments: Instrument):
+    """Run ``instruments`` around every pass called while the ``with`` block is open."""
+    _INSTRUMENTS.extend(instruments)
+    try:
+        yield
+    finally:
+        for inst in instruments:
+            _INSTRUMENTS.remove(inst)
+
+
+def global_instruments() -> tuple[Instrument, ...]:
+    return tuple(_INSTRUMENTS)
+
+
 def register_pass(name: str | None = None, *, contract: Exact | Lossy):
     """Turn ``impl(graph, **options) -> PassResult`` into a registered pass.
 
@@ -78,12 +110,16 @@ def register_pass(name: str | None = None, *, contract: Exact | Lossy):
         @functools.wraps(impl)
         def run(g, /, **options) -> PassResult:
             graph, unwrap = as_graph(g)
+            for inst in tuple(_INSTRUMENTS):
+                inst.before(pname, graph)
             result = impl(graph.copy(), **options)
             if not isinstance(result, PassResult):
                 raise SlimcError(f"Pass {pname} returned {type(result).__name__}, not a "
                                  "PassResult.", "Return PassResult(graph, modified, stats).")
             result.graph.history = list(graph.history) + [pname]
             result.graph.last_stats = dict(result.stats)
+            for inst in tuple(_INSTRUMENTS):
+                inst.after(pname, result.graph, result)
             result.graph = unwrap(result.graph)
             return result
 
