@@ -8,6 +8,9 @@ from .registry import (Exact, Lossy, PassInfo, PassResult, as_graph, get_pass, l
                        register_pass)
 from .manager import PassManager  # noqa: E402  (after the registry it builds on)
 from .cleanup import cleanup  # noqa: E402  (importing registers the pass)
+from .threshold_weights import threshold_weights as threshold_weights  # noqa: E402
+from .factorize_low_rank import factorize_low_rank as factorize_low_rank  # noqa: E402
+from .factorize_low_rank import low_rank as low_rank  # noqa: E402
 
 __all__ = ["Exact", "Lossy", "PassInfo", "PassResult", "as_graph", "get_pass", "list_passes",
            "register_pass", "PassManager", "cleanup"]
