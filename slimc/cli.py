@@ -172,6 +172,116 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _read_calib(path: str | None, g) -> list[tuple] | None:
+    """Calibration batches from an .npz: per model input, an array of shape (N, *input_shape)
+    (N batches), named after the input (or arr_0, arr_1, ... by position)."""
+    if path is None:
+        return None
+    stacked = _read_inputs(path, g.input_specs())
+    counts = {a.shape[0] if a.ndim else 0 for a in stacked}
+    if len(counts) != 1 or 0 in counts:
+        raise OptionError(f"{path}: every input needs the same number of calibration batches "
+                          "along axis 0.", "Stack N batches per input: shape (N, *input_shape).")
+    n = counts.pop()
+    return [tuple(a[i] for a in stacked) for i in range(n)]
+
+
+def _pattern_block(args) -> dict:
+    opts: dict = {}
+    if args.pattern:
+        opts["pattern"] = args.pattern
+    if args.block:
+        try:
+            r, c = (int(x) for x in args.block.lower().split("x"))
+        except ValueError:
+            raise OptionError(f"--block {args.block!r} is not ROWSxCOLS.",
+                              "Write it like --block 1x8.") from None
+        opts["block"] = (r, c)
+    return opts
+
+
+def optimize_steps(args) -> list[tuple[str, dict]]:
+    """The pass list that ``slimc optimize``'s flags ask for, in the recommended order:
+    prune heads → low-rank → threshold → fuse → quantize → fold → cleanup."""
+    steps: list[tuple[str, dict]] = []
+    if args.prune_heads is not None:
+        opts = {"ratio": args.prune_heads, "score": args.score}
+        if args.scope:
+            opts["scope"] = args.scope
+        steps.append(("prune_heads", opts))
+    if args.low_rank is not None:
+        steps.append(("factorize_low_rank", {"energy": args.low_rank}))
+    chosen = [f for f in ("threshold", "sparsity") if getattr(args, f) is not None]
+    if len(chosen) > 1:
+        raise OptionError("--threshold and --sparsity are alternatives.", "Give one of them.")
+    if args.pattern and args.block:
+        raise OptionError("--pattern and --block are alternatives.", "Give one of them.")
+    if args.threshold is not None:
+        steps.append(("threshold_weights", {"tau": args.threshold, **_pattern_block(args)}))
+    elif args.sparsity is not None:
+        if args.pattern:
+            raise OptionError("--pattern N:M fixes the sparsity itself (N/M non-zeros).",
+                              "Drop --sparsity, or use --block with --sparsity.")
+        steps.append(("threshold_weights", {"sparsity": args.sparsity, **_pattern_block(args)}))
+    elif args.pattern:
+        steps.append(("threshold_weights", {"pattern": args.pattern}))
+    elif args.block:
+        raise OptionError("--block needs --sparsity (the fraction of blocks to zero).",
+                          "Add --sparsity S.")
+    if args.fuse:
+        steps.append(("fuse", {}))
+    if args.quantize is not None:
+        if args.quantize != "int8":
+            raise OptionError(f"--quantize {args.quantize!r} is not supported.",
+                              "Use --quantize int8.")
+        steps.append(("quantize", {"method": args.method}))
+        steps.append(("fold_fake_quant", {}))
+    if not args.no_cleanup:
+        steps.append(("cleanup", {}))
+    return steps
+
+
+def cmd_optimize(args) -> int:
+    from .recipe import Recipe
+    out = Path(args.output)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise OptionError(f"-o {out}: the output must be a .onnx or .pt2 file.",
+                          "Name the output model.onnx (or model.pt2 for FX graphs).")
+    g = _load_model(args.model)
+    steps = optimize_steps(args)
+    if args.recipe:
+        recipe = Recipe.load(args.recipe)
+        if any(name != "cleanup" for name, _ in steps):
+            raise OptionError("--recipe and pass flags (--prune-heads, --threshold, ...) are "
+                              "alternatives.", "Put every pass in the recipe.")
+    else:
+        recipe = Recipe(steps, name="command line")
+    calib = _read_calib(args.calib, g)
+    check = [g.sample_inputs()] if not args.no_check else None
+    print(f"slimc: {len(recipe.passes)} pass(es): "
+          + " → ".join(n for n, _ in recipe.passes), file=sys.stderr)
+    new, report = recipe.apply(g, calib=calib, check_inputs=check)
+    print(report.table())
+    new.save(out)
+    print(f"slimc: wrote {out}", file=sys.stderr)
+    if args.report:
+        _write_report(args.report, args.model, report)
+    return 0
+
+
+def _write_report(folder: str, model: str, report) -> None:
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    data = {"model": model, "passes": report.to_dict()}
+    tmp = d / ".report.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, d / "report.json")
+    tmp = d / ".report.md.tmp"
+    tmp.write_text(f"# slimc report: {model}\n\n```\n{report.table()}\n```\n")
+    os.replace(tmp, d / "report.md")
+    print(f"slimc: wrote {d / 'report.json'} and {d / 'report.md'}", file=sys.stderr)
+
+
 def cmd_passes(args) -> int:
     from . import passes
     rows = []
@@ -208,6 +318,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-shape", action="append", metavar="NAME=1x128",
                    help="static shape for an input with symbolic dimensions (repeatable)")
     s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("optimize", help="run compression / fusion passes and write the model")
+    s.add_argument("model", help="model file (.onnx or .pt2)")
+    s.add_argument("-o", "--output", required=True, help="output model (.onnx or .pt2)")
+    s.add_argument("--recipe", help="TOML recipe listing passes and options (instead of flags)")
+    s.add_argument("--prune-heads", type=float, metavar="RATIO",
+                   help="remove this fraction of attention heads")
+    s.add_argument("--score", default="magnitude", choices=["magnitude", "taylor", "attention"],
+                   help="head importance score (taylor/attention need --calib)")
+    s.add_argument("--scope", choices=["global", "per_layer"], help="head ranking scope")
+    s.add_argument("--threshold", type=float, metavar="TAU", help="zero weights with |w| <= TAU")
+    s.add_argument("--sparsity", type=float, metavar="S", help="zero this fraction of weights")
+    s.add_argument("--pattern", metavar="N:M", help="N:M structured sparsity, e.g. 2:4")
+    s.add_argument("--block", metavar="RxC", help="block sparsity with --sparsity, e.g. 1x8")
+    s.add_argument("--low-rank", type=float, metavar="ENERGY",
+                   help="truncated-SVD factorisation keeping this singular-value energy")
+    s.add_argument("--fuse", action="store_true", help="apply the fusion rules")
+    s.add_argument("--quantize", metavar="int8", help="quantize to int8 (fake-quant, then fold)")
+    s.add_argument("--method", default="minmax",
+                   choices=["minmax", "percentile", "entropy", "mse"],
+                   help="quantization calibration method")
+    s.add_argument("--calib", metavar="DATA.npz",
+                   help="calibration batches: per input an array of shape (N, *input_shape)")
+    s.add_argument("--no-cleanup", action="store_true", help="skip the final cleanup pass")
+    s.add_argument("--no-check", action="store_true",
+                   help="skip the numeric check after each pass")
+    s.add_argument("--report", metavar="DIR", help="write report.json / report.md here")
+    s.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
     s.add_argument("artifact", help="artifact directory written by `slimc compile`")
@@ -249,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except Exception as e:  # a bug in slimc or a library: say so, keep the traceback for --debug
         if args.debug:
             raise

@@ -66,3 +66,32 @@ def test_bad_input_shape_option():
             _parse_shapes([bad])
 
 
+
+
+def test_optimize_sparsity_writes_model_and_report(bert_onnx, tmp_path, capsys):
+    out = tmp_path / "s.onnx"
+    before = bert_onnx.read_bytes()
+    assert main(["optimize", str(bert_onnx), "-o", str(out), "--sparsity", "0.5",
+                 "--report", str(tmp_path / "rep")]) == 0
+    table = capsys.readouterr().out
+    assert "threshold_weights" in table and "cleanup" in table
+    info = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["name"] for r in info["passes"]["passes"]] == ["threshold_weights", "cleanup"]
+    assert bert_onnx.read_bytes() == before
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] > 0.4
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--pattern", "2:4", "--sparsity", "0.5"], "fixes the sparsity"),
+    (["--threshold", "0.1", "--sparsity", "0.5"], "alternatives"),
+    (["--block", "1x8"], "needs --sparsity"),
+    (["--sparsity", "0.5", "--block", "1by8"], "not ROWSxCOLS"),
+    (["--sparsity", "1.5"], "sparsity"),
+])
+def test_optimize_bad_flags(bert_onnx, tmp_path, flags, match):
+    out = tmp_path / "o.onnx"
+    r = _slimc("optimize", bert_onnx, "-o", out, *flags)
+    assert r.returncode == 2, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
