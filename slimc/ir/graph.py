@@ -122,22 +122,7 @@ class Graph:
         """
         if self.example_inputs is not None and not dims:
             return self.example_inputs
-        rng = np.random.default_rng(seed)
-        out = []
-        for spec in self.input_specs():
-            shape = tuple(d if isinstance(d, int) and d > 0 else
-                          (dims or {}).get(d, 1 if i == 0 else 16)
-                          for i, d in enumerate(spec.shape))
-            if np.issubdtype(np.dtype(spec.dtype), np.integer):
-                if "mask" in spec.name:
-                    out.append(np.ones(shape, dtype=spec.dtype))
-                else:
-                    out.append(rng.integers(0, 2, size=shape).astype(spec.dtype))
-            elif spec.dtype == "bool":
-                out.append(np.ones(shape, dtype=bool))
-            else:
-                out.append(rng.standard_normal(shape).astype(spec.dtype))
-        return tuple(out)
+        return random_inputs(self.input_specs(), seed, dims)
 
     # -- execution ------------------------------------------------------------------------
     def run(self, *inputs) -> list[np.ndarray]:
@@ -212,6 +197,27 @@ class Graph:
         """A fresh ``torch.export.ExportedProgram`` of this FX graph (what TVM's frontend reads)."""
         from .capture import export_program
         return export_program(self)
+
+
+def random_inputs(specs: list[TensorSpec], seed: int = 0,
+                  dims: dict | None = None) -> tuple[np.ndarray, ...]:
+    """Random inputs for ``specs``, as :meth:`Graph.sample_inputs` describes."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in specs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else
+                      (dims or {}).get(d, 1 if i == 0 else 16)
+                      for i, d in enumerate(spec.shape))
+        if np.issubdtype(np.dtype(spec.dtype), np.integer):
+            if "mask" in spec.name:
+                out.append(np.ones(shape, dtype=spec.dtype))
+            else:
+                out.append(rng.integers(0, 2, size=shape).astype(spec.dtype))
+        elif spec.dtype == "bool":
+            out.append(np.ones(shape, dtype=bool))
+        else:
+            out.append(rng.standard_normal(shape).astype(spec.dtype))
+    return tuple(out)
 
 
 def check_inputs(specs: list[TensorSpec], inputs) -> None:
