@@ -1,0 +1,271 @@
+"""Run a compiled slimc artifact with TVM's runtime and numpy only: no torch, no onnx.
+
+An artifact is a directory holding ``lib.so`` (the TVM Relax VM executable, weights included)
+and ``metadata.json`` (inputs, outputs, target, versions, the passes applied)::
+
+    m = slimc.runtime.load("build/")
+    outputs = m(input_ids)              # list of numpy arrays, in m.output_names order
+    m.benchmark(repeat=50, warmup=5)    # {"median_ms": ..., "mean_ms": ..., "p90_ms": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, OptionError, ShapeError
+from ..ir.graph import TensorSpec, check_inputs, random_inputs
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+LIBRARY_FILE = "lib.so"
+_REQUIRED = ("format_version", "tvm_version", "slimc_version", "library_bytes", "target", "inputs",
+             "outputs")
+
+
+def _tvm():
+    """TVM, imported without torch.
+
+    ``tvm_ffi`` imports torch at start-up whenever it is installed (a workaround for a Windows
+    symbol clash); a deployed model needs neither torch nor the seconds its import takes. While
+    ``tvm_ffi`` loads, ``import torch`` is made to fail as if torch were not installed; TVM then
+    only lacks its torch interop (DLPack still works through ``__dlpack__``). A process that
+    imported torch or TVM before keeps them as they are.
+    """
+    hide = "torch" not in sys.modules and "tvm_ffi" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # the import system reads None as "not installed"
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401  (the VM lives there)
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return tvm
+
+
+def machine_arch(triple_or_machine: str) -> str:
+    """``"x86_64"`` / ``"aarch64"`` / … from an LLVM triple or ``platform.machine()``."""
+    arch = triple_or_machine.split("-")[0].lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
+
+
+def _corrupt(path: Path, what: str) -> ArtifactError:
+    return ArtifactError(f"{path / METADATA_FILE} is corrupt: {what}.",
+                         "Compile the model again (slimc compile / slimc.compile(...).save()).")
+
+
+def read_metadata(path) -> dict:
+    """The validated metadata of the artifact directory ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"No artifact at {path}: the directory does not exist.",
+                            "Pass the directory written by `slimc compile -o DIR` or "
+                            "Artifact.save(DIR).")
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not an artifact directory.",
+                            "Pass the directory written by `slimc compile -o DIR`.")
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise ArtifactError(f"{path} has no {METADATA_FILE}: it is not a slimc artifact, or it "
+                            "is incomplete.", "Compile the model again into this directory.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(path, f"it is not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _corrupt(path, "it is not a JSON object")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise _corrupt(path, f"it lacks {', '.join(missing)}")
+    version = meta["format_version"]
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise ArtifactError(
+            f"{path} is artifact format {version!r}; this slimc reads format {FORMAT_VERSION}.",
+            "Upgrade slimc to run it, or compile the model again." if newer else
+            "Compile the model again with this slimc.")
+    for key in ("inputs", "outputs"):
+        specs = meta[key]
+        if not isinstance(specs, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("name"), str)
+                and isinstance(s.get("shape"), list) and isinstance(s.get("dtype"), str)
+                for s in specs):
+            raise _corrupt(path, f"{key!r} is not a list of name/shape/dtype entries")
+    target = meta["target"]
+    if not isinstance(target, dict) or target.get("device") not in ("cpu", "cuda") \
+            or not isinstance(target.get("triple"), str):
+        raise _corrupt(path, "'target' lacks its device or triple")
+    return meta
+
+
+def _check_tvm_version(path: Path, meta: dict, tvm) -> None:
+    # the VM executable format is not stable across TVM releases: same major.minor only
+    built, here = str(meta["tvm_version"]), tvm.__version__
+    if built.split(".")[:2] != here.split(".")[:2]:
+        raise ArtifactError(f"{path} was built with TVM {built}; this runtime has TVM {here}.",
+                            f"Install apache-tvm {built} to run it, or compile the model again "
+                            "with this TVM.")
+
+
+def _check_host(path: Path, meta: dict, tvm) -> None:
+    """Refuse a library this CPU cannot execute (a crash on the first illegal instruction)."""
+    built, here = machine_arch(meta["target"]["triple"]), machine_arch(platform.machine())
+    if built != here:
+        raise ArtifactError(f"{path} holds a library for {meta['target']['triple']}; this "
+                            f"machine is {platform.machine()}.",
+                            f"Run it on a {built} machine, or compile the model again for this "
+                            "one (target='x86' or 'arm').")
+    isa = meta["target"].get("isa") or []
+    if meta["target"]["device"] != "cpu" or not isa:
+        return
+    try:
+        from tvm.target import codegen
+        host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+        lacking = [f for f in isa if not codegen.llvm_cpu_has_features(f, host)]
+    except (ImportError, AttributeError):  # a TVM runtime without LLVM cannot tell: try it
+        return
+    if lacking:
+        raise ArtifactError(
+            f"{path} was compiled for a CPU with {', '.join(lacking)}, which this CPU "
+            f"({codegen.llvm_get_system_cpu()}) lacks.",
+            "Compile the model again on this machine with target='x86', or for the oldest CPU "
+            "you deploy on (target={'kind': 'llvm', 'mcpu': ...}).")
+
+
+def _device(path: Path, meta: dict, tvm):
+    if meta["target"]["device"] == "cuda":
+        dev = tvm.cuda(0)
+        if not dev.exist:
+            raise ArtifactError(f"{path} was compiled for CUDA, and this machine has no CUDA "
+                                "GPU.", "Run it on a machine with an NVIDIA GPU, or compile "
+                                "again with target='x86'.")
+        return dev
+    return tvm.cpu(0)
+
+
+def load(path) -> Module:
+    """Load the artifact directory ``path`` (written by ``Artifact.save``) for running."""
+    path = Path(path)
+    meta = read_metadata(path)
+    lib_path = path / LIBRARY_FILE
+    if not lib_path.is_file():
+        raise ArtifactError(f"{path} has no {LIBRARY_FILE}: the artifact is incomplete.",
+                            "Compile the model again into this directory.")
+    size = lib_path.stat().st_size
+    if size != meta["library_bytes"]:
+        raise ArtifactError(f"{lib_path} is {size:,} bytes; the metadata says "
+                            f"{meta['library_bytes']:,}: the copy is truncated or was replaced.",
+                            "Copy the artifact directory again, or compile the model again.")
+    tvm = _tvm()
+    _check_tvm_version(path, meta, tvm)
+    _check_host(path, meta, tvm)
+    device = _device(path, meta, tvm)
+    try:
+        lib = tvm.runtime.load_module(str(lib_path))
+        vm = tvm.relax.VirtualMachine(lib, device)
+    except Exception as e:
+        raise ArtifactError(f"TVM cannot load {lib_path}: {str(e).strip()[:300]}",
+                            "The library is damaged or was built for another system; compile "
+                            "the model again.") from e
+    return Module(vm, meta, device)
+
+
+def _flatten(value) -> list:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    return [a for v in value for a in _flatten(v)]
+
+
+class Module:
+    """A loaded artifact: call it with numpy arrays, get a list of numpy arrays back."""
+
+    def __init__(self, vm, metadata: dict, device):
+        self.metadata = metadata
+        self.device = device
+        self._vm = vm
+        self._main = vm["main"]
+        self.input_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
+                            for s in metadata["inputs"]]
+        self.output_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
+                             for s in metadata["outputs"]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.input_specs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.output_specs]
+
+    @property
+    def target(self) -> str:
+        return self.metadata["target"]["tvm"]
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.input_specs)
+        return f"<slimc.runtime.Module ({ins}) on {self.device}>"
+
+    def _check(self, inputs) -> list[np.ndarray]:
+        arrays = [np.asarray(x) for x in inputs]
+        check_inputs(self.input_specs, arrays)
+        sizes: dict[str, tuple[int, str]] = {}
+        for spec, x in zip(self.input_specs, arrays):
+            if x.dtype != np.dtype(spec.dtype):
+                raise ShapeError(f"Input {spec.name!r} has dtype {x.dtype}, but the model takes "
+                                 f"{spec.dtype}.", f"Convert it: x.astype(np.{spec.dtype}).")
+            for d, n in zip(spec.shape, x.shape):
+                if isinstance(d, str):
+                    seen = sizes.setdefault(d, (n, spec.name))
+                    if seen[0] != n:
+                        raise ShapeError(
+                            f"Dimension {d!r} is {seen[0]} in input {seen[1]!r} but {n} in "
+                            f"input {spec.name!r}.", f"Inputs sharing {d!r} need the same size "
+                            "there.")
+        return arrays
+
+    def _to_device(self, arrays):
+        tvm = _tvm()
+        return [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in arrays]
+
+    def __call__(self, *inputs) -> list[np.ndarray]:
+        """Run the model; outputs in :attr:`output_names` order."""
+        args = self._to_device(self._check(inputs))
+        return _flatten(self._main(*args))
+
+    def benchmark(self, *inputs, repeat: int = 50, warmup: int = 5, dims: dict | None = None,
+                  seed: int = 0) -> dict:
+        """Time the model on ``inputs`` (random ones when none are given; ``dims`` sizes
+        symbolic dimensions, default 1 for the first axis and 16 for others).
+
+        Each sample is one call from Python, inputs already on the device, outputs left there.
+        """
+        if not isinstance(repeat, int) or repeat < 1 or not isinstance(warmup, int) \
+                or warmup < 0:
+            raise OptionError(f"benchmark(repeat={repeat!r}, warmup={warmup!r}) is not valid.",
+                              "Use an integer repeat >= 1 and warmup >= 0.")
+        arrays = self._check(inputs or random_inputs(self.input_specs, seed, dims))
+        args = self._to_device(arrays)
+        for _ in range(warmup):
+            self._main(*args)
+        self.device.sync()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._main(*args)
+            self.device.sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        t = np.asarray(times)
+        return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()),
+                "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
+                "max_ms": float(t.max()), "std_ms": float(t.std()), "repeat": repeat,
+                "warmup": warmup, "device": str(self.device),
+                "input_shapes": {s.name: list(x.shape) for s, x in zip(self.input_specs, arrays)}}
+
+
+__all__ = ["FORMAT_VERSION", "LIBRARY_FILE", "METADATA_FILE", "Module", "load", "read_metadata"]
