@@ -48,7 +48,7 @@ def apply_plans(graph, plans: list) -> None:
 @register_pass("prune_heads", contract=Lossy(identity={"heads": {}, "ratio": 0}, bound=_BOUND))
 def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = None,
                 score: str = "magnitude", calib=None, scope: str = "global",
-                allow_empty_layer: bool = False) -> PassResult:
+                loss="kl", allow_empty_layer: bool = False) -> PassResult:
     """Remove attention heads: slice Q/K/V rows (and biases) and output-projection columns, and
     rewrite every shape constant that depends on a head count.
 
@@ -57,7 +57,9 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
     of heads, lowest ``score`` first (``"magnitude"``, ``"taylor"``, ``"attention"``, see
     :mod:`slimc.passes.importance`; ``calib`` is a list of input tuples for the data-driven
     scores), ranked over the whole model (``scope="global"``) or within each layer
-    (``"per_layer"``). At least one head stays per layer unless ``allow_empty_layer=True``; a
+    (``"per_layer"``); ``loss`` is the taylor score's objective (``"kl"`` to the unpruned
+    model's outputs, ``"mse"``, or ``loss(outputs, batch_index)`` for labelled data). At least
+    one head stays per layer unless ``allow_empty_layer=True``; a
     layer without heads then outputs its output projection's bias (which is exactly what the
     attention computes when every head's values are zero).
 
@@ -103,7 +105,8 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
             plans = []
         else:
             from .. import importance
-            scores = importance.head_scores(graph, score=score, calib=calib, blocks=blocks)
+            scores = importance.head_scores(graph, score=score, calib=calib, blocks=blocks,
+                                            loss=loss)
             chosen = importance.select_heads(blocks, scores, ratio, scope=scope,
                                              allow_empty_layer=allow_empty_layer)
             plans = _math.plan_heads(blocks, chosen, allow_empty_layer)

@@ -193,7 +193,8 @@ def _linear(op, ins, outs, ctx):
         if op.attrs.get("o_block") is None:
             raise HeadShapeError(op.name, "a projection that is not the attention's output "
                                  "projection reads the heads")
-        if new_size(x[-1], ctx.sizes) != op.attrs.get("in_new", new_size(x[-1], ctx.sizes)):
+        want = op.attrs.get("in_new")
+        if want is not None and new_size(x[-1], ctx.sizes) != want:
             raise HeadShapeError(op.name, "the output projection's input width does not match "
                                  "the kept heads")
     return [list(x[:-1]) + [plain(outs[0][-1])]]

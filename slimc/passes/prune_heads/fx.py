@@ -360,3 +360,69 @@ def prune(gm: torch.fx.GraphModule, plans: list, example_inputs=None) -> None:
                 raise PassError(f"Head pruning predicted shape {want} for {key} but the "
                                 f"pruned graph computes {tuple(shape)}.",
                                 "This is a slimc bug; please report it with the model.")
+
+
+# -- analysis helpers for importance scores (slimc.passes.importance) -------------------------
+
+def head_dims(gm: torch.fx.GraphModule, blocks: list) -> tuple[dict, dict]:
+    """Head atoms of every value that carries heads in the unpruned graph (where each block's
+    head axis is), and the value shapes."""
+    plans = [_math.BlockPlan(b, tuple(range(b.num_heads)), tuple(range(b.num_kv_heads)))
+             for b in blocks]
+    ops, shapes = _translate(gm, {p.block.o.node: (p.layer, None) for p in plans})
+    live = _live(gm)
+    ops = [op for op in ops if op.name in live]  # dead code does not matter here
+    sizes, repeat = {}, {}
+    for p in plans:
+        sizes.update(p.sizes())
+        repeat.update(p.repeat_symbols())
+    try:
+        return propagate(ops, shapes, _seeds(gm, plans, shapes), sizes, repeat).dims, shapes
+    except HeadShapeError as e:
+        raise UnsupportedError(f"Cannot locate the heads at node {e.node}: {e.reason}.",
+                               "Use score='magnitude'.") from None
+
+
+def with_head_masks(gm: torch.fx.GraphModule, blocks: list) -> tuple[torch.fx.GraphModule,
+                                                                      dict]:
+    """A copy of ``gm`` whose output projections read ``context * repeat(mask_l, head_dim)``:
+    mask entry h scales head h's context (1 = unchanged). Returns (copy, {layer: mask tensor}),
+    the masks requiring grad and every weight frozen."""
+    import copy
+    gm = copy.deepcopy(gm)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    masks = {}
+    for b in blocks:
+        o = nodes[b.o.node]
+        x = o.args[1] if o.target == aten.addmm.default else o.args[0]
+        name = f"_slimc_head_mask_{b.layer}"
+        gm.register_buffer(name, torch.ones(b.num_heads, requires_grad=True))
+        masks[b.layer] = getattr(gm, name)
+        with gm.graph.inserting_before(o):
+            ga = gm.graph.get_attr(name)
+            rep = gm.graph.call_function(aten.repeat_interleave.self_int, (ga, b.head_dim))
+            mul = gm.graph.call_function(aten.mul.Tensor, (x, rep))
+        o.replace_input_with(x, mul)
+    gm.recompile()
+    return gm, masks
+
+
+def record(gm: torch.fx.GraphModule, names: set, batches) -> list:
+    """For each batch, {node name: value} of the named nodes (an fx Interpreter run)."""
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names:
+                seen[n.name] = out.detach() if isinstance(out, torch.Tensor) else out
+            return out
+
+    result = []
+    with torch.no_grad():
+        for batch in batches:
+            seen: dict = {}
+            _Recorder(gm).run(*[torch.as_tensor(np.ascontiguousarray(x)) for x in batch])
+            result.append(seen)
+    return result

@@ -402,3 +402,45 @@ def _verify(model, inputs, prop) -> None:
             raise PassError(f"Head pruning predicted shape {want} for {value} but the pruned "
                             f"model computes {tuple(shape)}.",
                             "This is a slimc bug; please report it with the model.")
+
+
+# -- analysis helpers for importance scores (slimc.passes.importance) -------------------------
+
+def head_dims(model: onnx.ModelProto, blocks: list, inputs) -> tuple[dict, dict]:
+    """Head atoms of every value that carries heads in the unpruned model, and value shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _name_nodes(m)
+    shapes, _ = probe_shapes(m, inputs)
+    plans = [_math.BlockPlan(b, tuple(range(b.num_heads)), tuple(range(b.num_kv_heads)))
+             for b in blocks]
+    names = _node_names(m)
+    seeds, _ = _seeds(plans, names, shapes, ir_onnx.constants(m), _Editor(m))
+    ops = _translate(m, shapes, ir_onnx.constants(m),
+                     {p.block.o.node: (p.layer, None) for p in plans})
+    sizes, repeat = {}, {}
+    for p in plans:
+        sizes.update(p.sizes())
+        repeat.update(p.repeat_symbols())
+    try:
+        return propagate(ops, shapes, seeds, sizes, repeat).dims, shapes
+    except HeadShapeError as e:
+        raise UnsupportedError(f"Cannot locate the heads at node {e.node}: {e.reason}.",
+                               "Use score='magnitude'.") from None
+
+
+def node_output(model: onnx.ModelProto, node: str) -> str:
+    """The first output of the node discovery calls ``node``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _name_nodes(m)
+    return _node_names(m)[node].output[0]
+
+
+def record(model: onnx.ModelProto, values: set, batches) -> list:
+    """For each batch, {value: array} of the named values (onnxruntime)."""
+    out = []
+    for batch in batches:
+        _, vals = probe_shapes(model, batch)
+        out.append({k: v for k, v in vals.items() if k in values})
+    return out

@@ -1,0 +1,318 @@
+"""Attention-head importance scores, shared by both backends (numpy + torch).
+
+``head_scores(graph, score=...)`` returns ``{layer: scores[num_heads]}``, higher = more
+important, normalised per layer to unit L2 norm (Michel et al. 2019, "Are Sixteen Heads Really
+Better than One?"), so one global ranking can compare layers. ``select_heads`` turns scores and
+a ratio into the ``heads={layer: [head, ...]}`` that ``prune_heads`` removes.
+
+Scores:
+
+* ``"magnitude"``: ‖[W_q rows of h; W_k, W_v rows of h's key/value head; W_o columns of h]‖₂.
+  No data needed; both backends.
+* ``"taylor"``: I_h = E_batches |∂L/∂m_h| (Michel et al.), with a mask m (all ones) scaling each
+  head's context before the output projection: the first-order change of L when head h goes.
+  ``loss`` picks L: a callable ``loss(outputs, batch_index) -> scalar tensor`` (labelled data);
+  ``"kl"`` (default): KL(teacher ‖ model) over the last axis of every float output taken as
+  logits, the teacher being the unpruned model itself. At m = 1 the KL and its gradient are
+  exactly zero, so L is the KL's sampled form −log q(ŷ) with ŷ drawn from the teacher (its
+  expectation is the KL plus a constant), and E|∂L/∂m_h| is the Fisher-style sensitivity;
+  ``"mse"``: I_h = ‖∂y/∂m_h‖, the first-order size of the output change when head h goes,
+  estimated with Rademacher probes v (E_v[(v·∂y/∂m_h)²] = ‖∂y/∂m_h‖²). Needs torch autograd:
+  FX graphs only (an ONNX graph raises a clear error).
+* ``"attention"``: the head's confidence, mean over queries of the largest attention
+  probability (Voita et al. 2019: confident heads are the important ones), on calibration
+  batches. Both backends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import OptionError, UnsupportedError
+from ..ir.graph import check_inputs
+
+SCORES = ("magnitude", "taylor", "attention")
+
+
+# -- calibration data ---------------------------------------------------------------------------
+
+def calibration_batches(graph, calib) -> list:
+    """``calib`` as a list of input tuples (numpy), each checked against the model's inputs."""
+    if calib is None:
+        raise OptionError("This importance score needs calibration data: calib=[inputs, ...].",
+                          "Pass a few input tuples like the model's example inputs, or use "
+                          "score='magnitude'.")
+    if isinstance(calib, np.ndarray) or hasattr(calib, "detach"):
+        calib = [calib]
+    try:
+        items = list(calib)
+    except TypeError:
+        raise OptionError(f"calib must be a list of input tuples, got {type(calib).__name__}.",
+                          "Pass e.g. calib=[(ids,), (ids2,)].") from None
+    if not items:
+        raise OptionError("calib is empty.", "Pass at least one batch of inputs.")
+    specs = graph.input_specs() if graph.backend == "onnx" or graph.example_inputs is not None \
+        else None
+    out = []
+    for batch in items:
+        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        batch = tuple(np.asarray(x.detach().cpu() if hasattr(x, "detach") else x) for x in batch)
+        if specs is not None:
+            check_inputs(specs, batch)
+        out.append(batch)
+    return out
+
+
+# -- scores ------------------------------------------------------------------------------------
+
+def _rows(w: np.ndarray, layout: str, start: int, stop: int) -> np.ndarray:
+    return w[start:stop] if layout == "out_in" else w[:, start:stop]
+
+
+def _cols(w: np.ndarray, layout: str, start: int, stop: int) -> np.ndarray:
+    return w[:, start:stop] if layout == "out_in" else w[start:stop]
+
+
+def magnitude_scores(graph, blocks: list) -> dict:
+    out = {}
+    for b in blocks:
+        d, r = b.head_dim, b.num_heads // b.num_kv_heads
+        ws = {k: graph.get_weight(lin.weight) for k, lin in (("q", b.q), ("k", b.k),
+                                                              ("v", b.v), ("o", b.o))}
+        scores = []
+        for h in range(b.num_heads):
+            g = h // r
+            sq = 0.0
+            for key, lin, head in (("q", b.q, h), ("k", b.k, g), ("v", b.v, g)):
+                off = lin.rows[0] if lin.rows else 0
+                sq += float(np.sum(_rows(ws[key], lin.layout, off + head * d,
+                                         off + (head + 1) * d).astype(np.float64) ** 2))
+            sq += float(np.sum(_cols(ws["o"], b.o.layout, h * d, (h + 1) * d)
+                               .astype(np.float64) ** 2))
+            scores.append(math.sqrt(sq))
+        out[b.layer] = np.array(scores)
+    return out
+
+
+def taylor_scores(graph, blocks: list, batches: list, loss: str | Callable = "kl",
+                  probes: int = 4, seed: int = 0) -> dict:
+    if graph.backend != "fx":
+        raise UnsupportedError(
+            "score='taylor' needs gradients with respect to a head mask, which slimc computes "
+            "with torch autograd on FX graphs; an ONNX graph has no torch equivalent here.",
+            "Capture the torch module with slimc.capture() and prune the FX graph, or use "
+            "score='magnitude' or score='attention' on the ONNX graph.")
+    if not (callable(loss) or loss in ("kl", "mse")):
+        raise OptionError(f"Unknown loss {loss!r} for score='taylor'.",
+                          "Use loss='kl' (default), 'mse', or a callable "
+                          "loss(outputs, batch_index) -> scalar tensor.")
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .prune_heads.fx import with_head_masks
+    gm, masks = with_head_masks(graph.native, blocks)
+    layers = list(masks)
+    acc = {layer: torch.zeros(masks[layer].shape, dtype=torch.float64) for layer in layers}
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.enable_grad():
+        for i, batch in enumerate(batches):
+            args = [torch.as_tensor(np.ascontiguousarray(x)) for x in batch]
+            outs = [o for o in pytree.tree_leaves(gm(*args))
+                    if isinstance(o, torch.Tensor) and o.is_floating_point()]
+            if callable(loss):
+                objectives = [loss(outs, i)]
+                if not isinstance(objectives[0], torch.Tensor) or objectives[0].numel() != 1:
+                    raise OptionError("loss(outputs, batch_index) must return a scalar tensor.",
+                                      "Return e.g. torch.nn.functional.cross_entropy(...).")
+            elif loss == "kl":
+                objectives = [sum(_sampled_kl(o, gen) for o in outs)]
+            else:
+                objectives = [sum((torch.randint(0, 2, o.shape, generator=gen).to(o.dtype) * 2
+                                   - 1).mul(o).sum() for o in outs) for _ in range(probes)]
+            for j, obj in enumerate(objectives):
+                grads = torch.autograd.grad(obj, [masks[k] for k in layers], allow_unused=True,
+                                            retain_graph=j < len(objectives) - 1)
+                for layer, g in zip(layers, grads):
+                    if g is not None:
+                        acc[layer] += g.double().abs() if loss != "mse" else g.double() ** 2
+                count += 1
+    scale = max(count, 1)
+    return {layer: (np.sqrt(a.numpy() / scale) if loss == "mse" else a.numpy() / scale)
+            for layer, a in acc.items()}
+
+
+def _sampled_kl(logits, gen):
+    """−log q(ŷ) with ŷ drawn from the (detached) teacher distribution softmax(logits)."""
+    import torch
+    flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 0 else logits.reshape(1, 1)
+    probs = torch.softmax(flat.detach().double(), dim=-1)
+    target = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.nn.functional.cross_entropy(flat, target)
+
+
+def _per_head(probs: np.ndarray, dims: list, block) -> np.ndarray:
+    """Rearrange attention probabilities to (heads, rows, keys), whatever axis holds heads."""
+    syms = {f"h{block.layer}", f"r{block.layer}"}
+    axis = next(i for i, d in enumerate(dims) if any(s in syms for _, s in d))
+    atoms = dims[axis]
+    first = next(i for i, (_, s) in enumerate(atoms) if s in syms)
+    last = max(i for i, (_, s) in enumerate(atoms) if s in syms)
+    pre = math.prod(v for v, _ in atoms[:first])
+    post = math.prod(v for v, _ in atoms[last + 1:])
+    shape = probs.shape
+    p = probs.reshape(shape[:axis] + (pre, block.num_heads, post) + shape[axis + 1:])
+    p = np.moveaxis(p, axis + 1, 0)
+    return p.reshape(block.num_heads, -1, shape[-1])
+
+
+def _sdpa_probs(q, k, mask, node) -> np.ndarray:
+    import torch
+    scale = node.kwargs.get("scale")
+    if scale is None and len(node.args) > 6:
+        scale = node.args[6]
+    if scale is None:
+        scale = 1 / math.sqrt(q.shape[-1])
+    is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    if k.shape[-3] != q.shape[-3] and q.dim() >= 3:  # enable_gqa: repeat key heads
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else s + mask.double()
+    return torch.softmax(s, dim=-1).numpy()
+
+
+def attention_scores(graph, blocks: list, batches: list) -> dict:
+    if graph.backend == "fx":
+        from .prune_heads.fx import head_dims, record
+        dims, _ = head_dims(graph.native, blocks)
+        nodes = {n.name: n for n in graph.native.graph.nodes}
+        want, where = set(), {}
+        for b in blocks:
+            if b.form == "sdpa":
+                node = nodes[b.nodes["sdpa"]]
+                mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+                names = [a.name for a in node.args[:2]] + ([mask.name] if mask is not None
+                                                          else [])
+                where[b.layer] = ("sdpa", names, node)
+                want.update(names)
+            else:
+                where[b.layer] = ("softmax", b.nodes["softmax"], None)
+                want.add(b.nodes["softmax"])
+        values = record(graph.native, want, batches)
+    else:
+        from .prune_heads.onnx import head_dims, node_output, record
+        dims, _ = head_dims(graph.native, blocks, batches[0])
+        where = {b.layer: ("softmax", node_output(graph.native, b.nodes["softmax"]), None)
+                 for b in blocks}
+        values = record(graph.native, {w[1] for w in where.values()}, batches)
+    out = {}
+    for b in blocks:
+        kind, name, node = where[b.layer]
+        conf = np.zeros(b.num_heads)
+        for seen in values:
+            if kind == "sdpa":
+                q, k = seen[name[0]], seen[name[1]]
+                mask = seen[name[2]] if len(name) > 2 else None
+                probs, d = _sdpa_probs(q, k, mask, node), dims[name[0]]
+            else:
+                probs = np.asarray(seen[name].detach() if hasattr(seen[name], "detach")
+                                   else seen[name])
+                d = dims[name]
+            conf += _per_head(np.asarray(probs, dtype=np.float64), d, b).max(-1).mean(-1)
+        out[b.layer] = conf / len(values)
+    return out
+
+
+def normalize_per_layer(scores: dict) -> dict:
+    """Each layer's scores divided by their L2 norm (Michel et al. 2019)."""
+    out = {}
+    for layer, s in scores.items():
+        s = np.asarray(s, dtype=np.float64)
+        n = float(np.linalg.norm(s))
+        out[layer] = s / n if n > 0 else s
+    return out
+
+
+def head_scores(graph, score: str = "magnitude", calib=None, blocks: list | None = None,
+                loss: str | Callable = "kl", normalize: bool = True) -> dict:
+    """{layer: importance of each query head} (higher = keep), normalised per layer."""
+    if score not in SCORES:
+        raise OptionError(f"Unknown head importance score {score!r}.",
+                          f"Use one of {', '.join(SCORES)}.")
+    blocks = graph.attention_blocks() if blocks is None else blocks
+    if score == "magnitude":
+        if calib is not None:
+            raise OptionError("score='magnitude' reads the weights only; calib is not used.",
+                              "Drop calib=, or use score='taylor' or 'attention'.")
+        scores = magnitude_scores(graph, blocks)
+    elif score == "taylor":
+        # on ONNX, taylor_scores says why it cannot run before calib is even looked at
+        batches = calibration_batches(graph, calib) if graph.backend == "fx" else []
+        scores = taylor_scores(graph, blocks, batches, loss)
+    else:
+        scores = attention_scores(graph, blocks, calibration_batches(graph, calib))
+    return normalize_per_layer(scores) if normalize else scores
+
+
+# -- selection ----------------------------------------------------------------------------------
+
+def _units(block, s: np.ndarray) -> list:
+    """Removal units of one layer, cheapest first: single heads; under grouped-query attention
+    one head from every group at once (the t-th least important of each group), so the groups
+    stay equal and every key/value head stays."""
+    if not block.gqa:
+        return [(float(s[h]), [h]) for h in np.argsort(s, kind="stable")]
+    r = block.num_heads // block.num_kv_heads
+    ranked = [sorted(range(g * r, (g + 1) * r), key=lambda h: (s[h], h))
+              for g in range(block.num_kv_heads)]
+    return [(float(np.mean([s[grp[t]] for grp in ranked])), [grp[t] for grp in ranked])
+            for t in range(r)]
+
+
+def select_heads(blocks: list, scores: dict, ratio: float, scope: str = "global",
+                 allow_empty_layer: bool = False) -> dict:
+    """The ``round(ratio × heads)`` least important heads as {layer: [head, ...]}.
+
+    ``scope="global"`` ranks all heads together (scores normalised per layer first);
+    ``"per_layer"`` removes ``round(ratio × H_l)`` heads from every layer. A layer keeps at
+    least one head unless ``allow_empty_layer``.
+    """
+    if scope not in ("global", "per_layer"):
+        raise OptionError(f"Unknown scope {scope!r}.", "Use scope='global' or 'per_layer'.")
+    chosen: dict = {b.layer: [] for b in blocks}
+    left = {b.layer: b.num_heads for b in blocks}
+
+    def take(layer, heads, budget) -> bool:
+        n = len(heads)
+        if n > budget or (left[layer] - n < 1 and not allow_empty_layer):
+            return False
+        chosen[layer].extend(heads)
+        left[layer] -= n
+        return True
+
+    if scope == "per_layer":
+        for b in blocks:
+            budget = round(ratio * b.num_heads)
+            for _, heads in _units(b, scores[b.layer]):
+                if take(b.layer, heads, budget):
+                    budget -= len(heads)
+    else:
+        budget = round(ratio * sum(b.num_heads for b in blocks))
+        units = [(s, b.layer, heads) for b in blocks for s, heads in _units(b, scores[b.layer])]
+        # a stable sort keeps a GQA layer's units in order (their scores never decrease)
+        for _, layer, heads in sorted(units, key=lambda u: (u[0], u[1])):
+            if budget <= 0:
+                break
+            if take(layer, heads, budget):
+                budget -= len(heads)
+    return {layer: sorted(h) for layer, h in chosen.items() if h}
+
+
+__all__ = ["SCORES", "attention_scores", "calibration_batches", "head_scores",
+           "magnitude_scores", "normalize_per_layer", "select_heads", "taylor_scores"]
