@@ -190,6 +190,7 @@ class Module:
         self.device = device
         self._vm = vm
         self._main = vm["main"]
+        self._tensor = _tvm().runtime.tensor
         self.input_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
                             for s in metadata["inputs"]]
         self.output_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
@@ -230,8 +231,7 @@ class Module:
         return arrays
 
     def _to_device(self, arrays):
-        tvm = _tvm()
-        return [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in arrays]
+        return [self._tensor(np.ascontiguousarray(x), self.device) for x in arrays]
 
     def __call__(self, *inputs) -> list[np.ndarray]:
         """Run the model; outputs in :attr:`output_names` order."""
