@@ -14,8 +14,11 @@ def __getattr__(name):
     if name == "compile":
         from .codegen import compile
         return compile
+    if name == "recover":
+        from .passes.prune_heads.recover import recover
+        return recover
     raise AttributeError(f"module 'slimc' has no attribute {name!r}")
 
 
 __all__ = ["SlimcError", "Graph", "AttentionBlock", "Linear", "capture", "load", "compile",
-           "passes", "codegen", "runtime", "__version__"]
+           "recover", "passes", "codegen", "runtime", "__version__"]

@@ -1,0 +1,136 @@
+"""``slimc.recover``: a short knowledge-distillation fine-tune after pruning.
+
+The pruned FX graph is the student (its parameters train), the unpruned model the teacher (any
+slimc Graph, FX or ONNX, or a torch module: only its outputs are used). Loss per batch, over
+every float output:
+
+* ``"mse"`` (default): mean squared error to the teacher's output (hidden states,
+  embeddings);
+* ``"kl"``: KL(softmax(t/T) ‖ softmax(s/T)) · T² over the last axis (logits, Hinton et al.).
+
+Adam, a fixed learning rate, gradient norm clipped to 1. Neither the teacher nor the graph
+passed in is modified: the student is a deep copy, the result a new Graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...errors import OptionError, ShapeError, UnsupportedError
+from ...ir.graph import Graph, check_inputs
+
+
+def _batches(student: Graph, data) -> list:
+    if data is None:
+        raise OptionError("recover needs data=[inputs, ...] to distil on.",
+                          "Pass a list of input tuples shaped like the model's example inputs.")
+    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
+        data = [data]
+    out = []
+    for batch in data:
+        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        batch = tuple(np.asarray(x.detach().cpu() if hasattr(x, "detach") else x) for x in batch)
+        if student.example_inputs is not None:
+            check_inputs(student.input_specs(), batch)
+        out.append(batch)
+    if not out:
+        raise OptionError("recover got no data (an empty list).", "Pass at least one batch.")
+    return out
+
+
+def _teacher_outputs(teacher, batch) -> list:
+    import torch
+    import torch.utils._pytree as pytree
+    if isinstance(teacher, Graph):
+        return [np.asarray(o) for o in teacher.run(*batch)]
+    if isinstance(teacher, torch.nn.Module):
+        with torch.no_grad():
+            outs = teacher(*[torch.as_tensor(np.ascontiguousarray(x)) for x in batch])
+        return [o.detach().cpu().numpy() for o in pytree.tree_leaves(outs)
+                if isinstance(o, torch.Tensor)]
+    raise OptionError(f"teacher must be a slimc.Graph or a torch.nn.Module, got "
+                      f"{type(teacher).__name__}.", "Pass the unpruned graph, e.g. "
+                      "teacher=original.")
+
+
+def _distill_loss(s, t, loss: str, temperature: float):
+    import torch
+    if loss == "mse":
+        return torch.nn.functional.mse_loss(s, t)
+    log_p = torch.log_softmax(s / temperature, dim=-1)
+    q = torch.softmax(t / temperature, dim=-1)
+    return torch.nn.functional.kl_div(log_p.reshape(-1, s.shape[-1]), q.reshape(-1, s.shape[-1]),
+                                      reduction="batchmean") * temperature ** 2
+
+
+def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
+            loss: str = "mse", temperature: float = 1.0, seed: int = 0) -> Graph:
+    """Fine-tune ``pruned`` (an FX :class:`slimc.Graph` or ``torch.fx.GraphModule``) to match
+    ``teacher``'s outputs on ``data`` for ``steps`` Adam steps (cycling through the batches).
+
+    Returns a new Graph (``history`` gains ``"recover"``; ``last_stats`` holds the first and last
+    distillation loss and the per-step losses). Raises :class:`~slimc.errors.UnsupportedError`
+    for ONNX students (there is nothing to train them with here), ``OptionError`` for bad
+    settings, ``ShapeError`` for data or teacher outputs that do not match the student.
+    """
+    import torch
+    import torch.utils._pytree as pytree
+
+    from ..registry import as_graph
+    student_in, unwrap = as_graph(pruned)
+    if student_in.backend != "fx":
+        raise UnsupportedError(
+            "recover fine-tunes a torch graph; this graph is ONNX.",
+            "Capture the torch module with slimc.capture(), prune the FX graph, recover it, "
+            "then export it with graph.save('model.onnx').")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise OptionError(f"steps must be a non-negative integer, got {steps!r}.",
+                          "Pass e.g. steps=200.")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 \
+            or not math.isfinite(lr):
+        raise OptionError(f"lr must be a positive number, got {lr!r}.", "Pass e.g. lr=1e-4.")
+    if loss not in ("mse", "kl"):
+        raise OptionError(f"Unknown distillation loss {loss!r}.",
+                          "Use loss='mse' (hidden states) or 'kl' (logits).")
+    if not temperature > 0:
+        raise OptionError(f"temperature must be positive, got {temperature!r}.",
+                          "Pass e.g. temperature=2.0.")
+    batches = _batches(student_in, data)
+    targets = [[torch.as_tensor(np.ascontiguousarray(t)) for t in _teacher_outputs(teacher, b)]
+               for b in batches]
+    result = student_in.copy()
+    gm = result.native
+    params = [p for p in gm.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=float(lr))
+    torch.manual_seed(seed)
+    losses = []
+    with torch.enable_grad():
+        for step in range(int(steps)):
+            i = step % len(batches)
+            args = [torch.as_tensor(np.ascontiguousarray(x)) for x in batches[i]]
+            outs = [o for o in pytree.tree_leaves(gm(*args)) if isinstance(o, torch.Tensor)]
+            floats = [(s, t) for s, t in zip(outs, targets[i]) if s.is_floating_point()]
+            if len(outs) != len(targets[i]) or any(s.shape != t.shape for s, t in floats):
+                raise ShapeError(
+                    f"The teacher's outputs {[tuple(t.shape) for t in targets[i]]} do not match "
+                    f"the student's {[tuple(o.shape) for o in outs]}.",
+                    "Pass the unpruned version of the same model as teacher=.")
+            value = sum(_distill_loss(s, t.to(s.dtype), loss, temperature) for s, t in floats)
+            opt.zero_grad()
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(value.detach()))
+    for p in params:
+        p.requires_grad_(False)
+    result.history = list(student_in.history) + ["recover"]
+    result.last_stats = {"steps": int(steps), "loss_first": losses[0] if losses else None,
+                         "loss_last": losses[-1] if losses else None, "losses": losses}
+    return unwrap(result)
+
+
+__all__ = ["recover"]
