@@ -291,3 +291,22 @@ def test_model_without_attention():
         prune_heads(g, heads={0: [0]})
     with pytest.raises(SlimcError, match="no attention"):
         prune_heads(g, ratio=0.5)
+
+
+def test_report_table_and_heatmap(tmp_path):
+    from slimc.passes.prune_heads.report import table, write_report
+    g = graph_of("bert", "fx")
+    res = prune_heads.run(g, ratio=0.25, score="magnitude")
+    s = res.stats
+    text = table(s)
+    for layer, heads in s["removed"].items():
+        assert f"| {layer} | 4 | {4 - len(heads)} | {', '.join(map(str, heads))} |" in text
+    assert "| all | 8 | 6 | 2 (25 %) |" in text
+    change = 100 * (s["params_after"] - s["params_before"]) / s["params_before"]
+    assert f"{change:+.1f} %" in text
+    paths = write_report(s, tmp_path)
+    png = paths["heatmap"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    import matplotlib.image
+    assert matplotlib.image.imread(paths["heatmap"]).ndim == 3
+    assert "heads.png" in paths["table"].read_text()

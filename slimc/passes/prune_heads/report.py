@@ -50,3 +50,83 @@ def count_flops(graph) -> int:
             if _numel(q) is not None and k and v and isinstance(k[-2], int):
                 total += 2 * _numel(q) * k[-2] + 2 * _numel(q[:-1]) * k[-2] * v[-1]
     return int(total)
+
+
+def _fmt(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _change(before, after) -> str:
+    if not before or after is None:
+        return "-"
+    return f"{100 * (after - before) / before:+.1f} %"
+
+
+def table(stats: dict) -> str:
+    """A Markdown table of what ``prune_heads`` removed (from its ``PassResult.stats``)."""
+    before, after = stats["heads_before"], stats["heads_after"]
+    removed = stats.get("removed", {})
+    lines = ["| layer | heads before | heads after | removed |", "|---:|---:|---:|---|"]
+    for layer in sorted(before):
+        gone = removed.get(layer, [])
+        lines.append(f"| {layer} | {before[layer]} | {after[layer]} | "
+                     f"{', '.join(map(str, gone)) or '-'} |")
+    nb, na = sum(before.values()), sum(after.values())
+    lines.append(f"| all | {nb} | {na} | {nb - na} ({100 * (nb - na) / max(nb, 1):.0f} %) |")
+    lines += ["", "| | before | after | change |", "|---|---:|---:|---:|"]
+    for key, label in (("params", "parameters"), ("flops", "FLOPs (matmuls)")):
+        b, a = stats.get(f"{key}_before"), stats.get(f"{key}_after", stats.get(f"{key}_before"))
+        lines.append(f"| {label} | {_fmt(b)} | {_fmt(a)} | {_change(b, a)} |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(scores: dict, path, removed: dict | None = None, title: str | None = None) -> None:
+    """A layers × heads picture of ``scores`` ({layer: [score per head]}); removed heads are
+    crossed out. Written as PNG with matplotlib (headless)."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+    layers = sorted(scores)
+    width = max(len(scores[layer]) for layer in layers)
+    grid = np.full((len(layers), width), np.nan)
+    for i, layer in enumerate(layers):
+        grid[i, :len(scores[layer])] = scores[layer]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * width, 1.0 + 0.4 * len(layers)), dpi=120)
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i, layer in enumerate(layers):
+        for h in (removed or {}).get(layer, []):
+            ax.text(h, i, "×", ha="center", va="center", color="red", fontsize=12,
+                    fontweight="bold")
+    ax.set_xticks(range(width))
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "head importance (× = removed)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def write_report(stats: dict, folder) -> dict:
+    """``report.md`` (the table) and, when the heads were chosen by score, ``heads.png`` (the
+    heatmap) in ``folder``; returns their paths."""
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"table": folder / "report.md"}
+    text = "# prune_heads\n\n"
+    if stats.get("score"):
+        text += f"Heads ranked by `{stats['score']}` importance.\n\n"
+        out["heatmap"] = folder / "heads.png"
+        heatmap(stats["scores"], out["heatmap"], stats.get("removed"),
+                title=f"{stats['score']} importance (× = removed)")
+        text += "![head importance](heads.png)\n\n"
+    out["table"].write_text(text + table(stats))
+    return out
