@@ -97,8 +97,22 @@ class Graph:
                 specs.append(TensorSpec(vi.name, shape, dtype))
             return specs
         names = self.input_names
-        return [TensorSpec(n, tuple(x.shape), x.dtype.name)
-                for n, x in zip(names, self.example_inputs or ())]
+        if self.example_inputs is not None:
+            return [TensorSpec(n, tuple(x.shape), x.dtype.name)
+                    for n, x in zip(names, self.example_inputs)]
+        # a bare GraphModule: what torch.export recorded on its placeholders
+        specs = []
+        for node in self.native.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            val = node.meta.get("val")
+            if val is None or not hasattr(val, "shape"):
+                raise ShapeError(f"The FX graph's input {node.name!r} has no recorded shape.",
+                                 "Capture the module with slimc.capture(module, inputs), or "
+                                 "pass inputs explicitly.")
+            shape = tuple(int(d) if str(d).isdigit() else str(d) for d in val.shape)
+            specs.append(TensorSpec(node.name, shape, str(val.dtype).replace("torch.", "")))
+        return specs
 
     @property
     def input_names(self) -> list[str]:
