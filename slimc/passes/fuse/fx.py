@@ -271,7 +271,10 @@ class FxHost:
                         target=tuple(n.args[1]) if t in _EXPLICIT_SHAPE else None)
         if t in _SOFTMAX:
             dim = n.args[1]
-            if (t == aten.softmax.int and _arg(n, 2, "dtype") is not None) or \
+            dtype, vin = _arg(n, 2, "dtype"), _val(a0)
+            # softmax(x, dtype=float32) on a float32 x converts nothing
+            if (t != aten._softmax.default and dtype is not None
+                    and (vin is None or vin.dtype != dtype)) or \
                     (t == aten._softmax.default and n.args[2]):
                 return self._raw(n)
             return node("Softmax", (a0,), axis=_neg_axis(dim, rank),

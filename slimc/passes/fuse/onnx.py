@@ -390,8 +390,12 @@ class OnnxHost:
             t = self._resolve(new, done)
             if t is old:
                 continue
-            if id(t) in fresh and t.inputs:
-                # hand the old tensor (its name, its readers) to the new producer
+            # Hand the old tensor (its name, its readers) to the new value's producer when that
+            # loses nothing: a value this plan made, or a graph output's replacement that is no
+            # graph output, input or constant itself.
+            handable = isinstance(t, gs.Variable) and t.inputs and (
+                id(t) in fresh or (self.is_graph_output(old) and not self.is_graph_output(t)))
+            if handable:
                 fresh.discard(id(t))
                 producer = t.inputs[0]
                 idx = next(i for i, o in enumerate(producer.outputs) if o is t)
@@ -513,6 +517,15 @@ class OnnxHost:
         model.doc_string = src.doc_string
         del model.metadata_props[:]
         model.metadata_props.extend(src.metadata_props)
+        # graph outputs keep their names; keep their declarations too (types, shapes, docs)
+        declared = {o.name: o for o in src.graph.output}
+        for o in model.graph.output:
+            if o.name in declared:
+                o.CopyFrom(declared[o.name])
+        # a value_info without a shape says nothing and the checker rejects it
+        keep = [vi for vi in model.graph.value_info if vi.type.tensor_type.HasField("shape")]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
         meta = {n.name: n.metadata_props for n in src.graph.node if n.name and n.metadata_props}
         for n in model.graph.node:
             if n.name in meta and not n.metadata_props:
