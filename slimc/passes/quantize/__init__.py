@@ -1,0 +1,110 @@
+"""``quantize``: calibrate, then insert fake-quant (quantize → dequantize) on the inputs and
+weights of Linear / MatMul nodes. ``fold_fake_quant`` turns the result into integer compute."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ...ir.graph import Graph, check_inputs
+from ..registry import Lossy, PassResult, register_pass
+from . import _math
+
+
+def _surgery(g: Graph):
+    if g.backend == "fx":
+        from . import fx as surgery
+    else:
+        from . import onnx as surgery
+    return surgery
+
+
+@register_pass("quantize",
+               contract=Lossy(bound="each quantized tensor moves by at most half a step "
+                                    "(s/2) inside its clip range and is clipped outside it; "
+                                    "no setting is exact"))
+def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minmax",
+             weights: str = "per_channel", activations: str = "static",
+             symmetric: bool = True, bits: int = 8, percentile: float = 99.99,
+             ops: Sequence[str] = ("linear", "matmul"),
+             exclude: Sequence[str] = ()) -> PassResult:
+    """Insert fake-quant around the inputs and weights of Linear and MatMul nodes.
+
+    Math: each quantized tensor x is replaced by x̂ = (q − z)·s with
+    q = clamp(round(x / s) + z, qmin, qmax) (round half to even). Weights: min/max per output
+    channel (``weights="per_channel"``) or per tensor. Activations, ``"static"``: one (s, z) per
+    tensor from a clip range the ``method`` picks over the calibration batches ``calib`` —
+    ``minmax`` (observed range), ``percentile`` (``percentile`` % of the values), ``entropy``
+    (minimum KL divergence between the clipped and the quantized histograms, TensorRT's
+    calibrator) or ``mse`` (minimum expected squared error); ``"dynamic"``: (s, z) computed
+    from each input at run time (min/max). ``symmetric=True``: int8 with z = 0 and
+    s = max|x| / 127 (weights on [-127, 127]); ``False``: uint8 activations on [0, 255] and
+    int8 weights with zero points, the range widened to hold 0.
+
+    Pre: FX ``linear``/``addmm``/``mm``/``matmul`` with a float32 2-D weight, and ``matmul``
+    /``bmm`` of two activations; ONNX ``MatMul``/``Gemm`` likewise. ``ops`` picks "linear"
+    (activation × weight) and/or "matmul" (activation × activation); ``exclude``: glob patterns
+    of node or weight names to leave in float. ``calib``: a list of input tuples (one array per
+    model input), needed for static activations. Only ``bits=8``.
+
+    Post: FX — ``quantized_decomposed`` quantize/dequantize ops (PT2E's form; scales and zero
+    points of per-channel weights as buffers beside the weight); ONNX — QuantizeLinear /
+    DequantizeLinear pairs (onnxruntime's QDQ format; ``DynamicQuantizeLinear`` for dynamic
+    asymmetric activations). Weights stay float; ``fold_fake_quant`` makes them int8. stats:
+    ``quantized`` (node → kind, inputs, weight), ``activations`` (value → scale, zero point,
+    clip range, observed range), ``weights`` (weight → scheme, scale range), ``qdq_pairs``,
+    ``skipped`` (node → reason).
+
+    Numerics: Lossy. Inside its clip range a tensor moves by at most s/2 per element; the
+    model's outputs move by the accumulated effect, which the PassManager reports.
+    """
+    spec = _math.parse_options(method=method, weights=weights, activations=activations,
+                               symmetric=symmetric, bits=bits, percentile=percentile, ops=ops,
+                               exclude=exclude)
+    batches = _math.check_batches(calib, spec)
+    if batches and g.example_inputs is not None:
+        for b in batches:
+            check_inputs(g.input_specs(), b)
+    surgery = _surgery(g)
+    if g.backend == "onnx":
+        surgery.check_opset(g.native, spec)
+    targets, skipped = surgery.plan(g.native, spec)
+    stats: dict = {"method": spec.method, "activations_mode": spec.activations,
+                   "weights_scheme": spec.weights, "symmetric": spec.symmetric,
+                   "quantized": {}, "activations": {}, "weights": {}, "skipped": skipped,
+                   "qdq_pairs": 0}
+    if not targets:
+        return PassResult(g, False, stats)
+    values = list(dict.fromkeys(v for t in targets for v in t.inputs))
+    act: dict[str, _math.QParams | None] = dict.fromkeys(values)
+    if spec.activations == "static":
+        observers = surgery.observe(g.native, values, batches)
+        for v, obs in observers.items():
+            lo, hi = _math.choose_range(obs, spec.method, spec.act_grid, spec.symmetric,
+                                        spec.percentile)
+            qp = _math.qparams_from_range(lo, hi, spec.act_grid, spec.symmetric)
+            act[v] = qp
+            stats["activations"][v] = {"scale": float(qp.scale),
+                                       "zero_point": int(qp.zero_point),
+                                       "clip": (float(lo), float(hi)),
+                                       "observed": (float(obs.min), float(obs.max))}
+    else:
+        stats["activations"] = {v: {"dynamic": True} for v in values}
+    wqp: dict[str, _math.QParams] = {}
+    for t in targets:
+        if t.weight is None or t.weight in wqp:
+            continue
+        w = surgery.weight_array(g.native, t)
+        axis = t.weight_axis if spec.weights == "per_channel" else None
+        qp = _math.weight_qparams(w, axis, spec.symmetric)
+        wqp[t.weight] = qp
+        err = np.abs(_math.fake_quantize(w, qp) - w).max() if w.size else 0.0
+        stats["weights"][t.weight] = {"scheme": spec.weights, "axis": axis,
+                                      "scale_min": float(qp.scale.min()),
+                                      "scale_max": float(qp.scale.max()),
+                                      "max_abs_error": float(err)}
+    stats["qdq_pairs"] = surgery.insert(g.native, targets, act, wqp, spec)
+    stats["quantized"] = {t.node: {"kind": t.kind, "inputs": list(t.inputs),
+                                   "weight": t.weight} for t in targets}
+    return PassResult(g, True, stats)

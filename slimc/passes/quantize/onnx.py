@@ -1,0 +1,329 @@
+"""ONNX side of quantize: find MatMul/Gemm nodes, observe their inputs, insert QDQ.
+
+Fake-quant is the QDQ format onnxruntime's own quantizer writes: a ``QuantizeLinear`` →
+``DequantizeLinear`` pair on each quantized input, the float weight kept as an initializer
+(fold_fake_quant turns it into int8). Dynamic activations use ``DynamicQuantizeLinear``
+(asymmetric uint8, onnxruntime's dynamic quantization) or, symmetric, a scale computed in the
+graph as max|x| / 127 feeding ``QuantizeLinear``.
+
+The small graph helpers at the bottom (fresh names, topological order, dropping what became
+dead) are shared with fold_fake_quant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from ...errors import OptionError
+from ...ir.onnx import _attr, build_view, constants, get_weight
+from . import _math
+from ._math import QParams, Spec, Target
+
+DEQUANTIZE = {"DequantizeLinear"}
+_ONNX_TYPE = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
+
+
+def opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - best effort; unknown types are treated as float
+        inferred = model
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """The View's name of each node (``name`` or ``{op_type}_{index}``), by position."""
+    return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)]
+
+
+def plan(model: onnx.ModelProto, spec: Spec) -> tuple[list[Target], dict[str, str]]:
+    view = build_view(model)
+    by_name = dict(zip(node_names(model), model.graph.node))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = constants(model)
+    types = elem_types(model)
+    targets, skipped = [], {}
+    for v in view.nodes:
+        if v.op not in ("linear", "matmul"):
+            continue
+        n = by_name[v.name]
+        if v.op not in spec.ops:
+            skipped[v.name] = f"{v.op} not in ops="
+            continue
+        weight = v.attrs.get("weight_value")
+        if spec.excluded(v.name, v.attrs.get("weight") or ""):
+            skipped[v.name] = "excluded by exclude="
+            continue
+        if n.op_type == "Gemm" and _attr(n, "transA", 0):
+            skipped[v.name] = "Gemm with transA=1"
+            continue
+        if v.op == "linear":
+            acts = [n.input[0]]
+            if types.get(consts[weight][0], TensorProto.FLOAT) != TensorProto.FLOAT:
+                skipped[v.name] = "weight is not float32"
+                continue
+            axis = 0 if n.op_type == "Gemm" and _attr(n, "transB", 0) else 1
+        else:
+            acts = list(n.input[:2])
+            if any(a in consts for a in acts):
+                skipped[v.name] = "MatMul with a constant operand that is not a 2-D weight"
+                continue
+            axis = None
+        if any(a in producers and producers[a].op_type in DEQUANTIZE for a in acts):
+            skipped[v.name] = "already quantized (an input comes from DequantizeLinear)"
+            continue
+        if any(types.get(a, TensorProto.FLOAT) != TensorProto.FLOAT for a in acts):
+            skipped[v.name] = "input is not float32"
+            continue
+        targets.append(Target(v.name, v.op, tuple(acts), weight, axis))
+    return targets, skipped
+
+
+def weight_array(model: onnx.ModelProto, target: Target) -> np.ndarray:
+    """The weight as the node reads it (through Identity / Transpose aliases)."""
+    src, transposed = constants(model)[target.weight]
+    w = get_weight(model, src)
+    return w.T if transposed else w
+
+
+def observe(model: onnx.ModelProto, values: list[str],
+            batches: list[tuple]) -> dict[str, _math.Observer]:
+    """Run every batch with the values named added as graph outputs, and record them."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inputs = [i.name for i in m.graph.input
+              if i.name not in {t.name for t in m.graph.initializer}]
+    outputs = {o.name for o in m.graph.output}
+    for v in values:
+        if v not in outputs and v not in inputs:
+            m.graph.output.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    observers = {v: _math.Observer() for v in values}
+    for batch in batches:
+        if len(batch) != len(inputs):
+            raise OptionError(f"A calibration batch has {len(batch)} arrays; the model takes "
+                              f"{len(inputs)} ({', '.join(inputs)}).",
+                              "Give one array per model input, in order.")
+        feeds = {n: np.ascontiguousarray(x) for n, x in zip(inputs, batch)}
+        got = dict(zip(names, sess.run(None, feeds)))
+        got.update(feeds)
+        for v in values:
+            observers[v].update(got[v])
+    return observers
+
+
+# -- insertion -------------------------------------------------------------------------------
+def _scalar(name: str, value, dtype) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def _zero_point_array(qp: QParams) -> np.ndarray:
+    return qp.zero_point.astype(qp.grid.dtype)
+
+
+def insert(model: onnx.ModelProto, targets: list[Target], act: dict[str, QParams | None],
+           weights: dict[str, QParams], spec: Spec) -> int:
+    """Insert QDQ on every target's activations and weight; returns the number of pairs."""
+    g = model.graph
+    fresh = Namer(model)
+    new_nodes, inits = [], []
+    act_dq: dict[str, str] = {}
+    for value in dict.fromkeys(v for t in targets for v in t.inputs):
+        qp = act[value]
+        dq = fresh(f"{value}_dequantized")
+        q = fresh(f"{value}_quantized")
+        if qp is not None:
+            s, z = fresh(f"{value}_scale"), fresh(f"{value}_zero_point")
+            inits += [_scalar(s, qp.scale, np.float32), _scalar(z, _zero_point_array(qp), None)]
+            new_nodes.append(helper.make_node("QuantizeLinear", [value, s, z], [q],
+                                              name=fresh(f"{value}_QuantizeLinear")))
+        elif not spec.symmetric:
+            s, z = fresh(f"{value}_scale"), fresh(f"{value}_zero_point")
+            new_nodes.append(helper.make_node("DynamicQuantizeLinear", [value], [q, s, z],
+                                              name=fresh(f"{value}_DynamicQuantizeLinear")))
+        else:
+            s, z = _symmetric_scale(value, fresh, new_nodes, inits)
+            new_nodes.append(helper.make_node("QuantizeLinear", [value, s, z], [q],
+                                              name=fresh(f"{value}_QuantizeLinear")))
+        new_nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq],
+                                          name=fresh(f"{value}_DequantizeLinear")))
+        act_dq[value] = dq
+    w_dq: dict[str, str] = {}
+    for value in dict.fromkeys(t.weight for t in targets if t.weight is not None):
+        qp = weights[value]
+        s, z = fresh(f"{value}_scale"), fresh(f"{value}_zero_point")
+        q, dq = fresh(f"{value}_quantized"), fresh(f"{value}_dequantized")
+        inits += [_scalar(s, qp.scale, np.float32), _scalar(z, _zero_point_array(qp), None)]
+        kw = {"axis": qp.axis} if qp.per_channel else {}
+        new_nodes += [helper.make_node("QuantizeLinear", [value, s, z], [q],
+                                       name=fresh(f"{value}_QuantizeLinear"), **kw),
+                      helper.make_node("DequantizeLinear", [q, s, z], [dq],
+                                       name=fresh(f"{value}_DequantizeLinear"), **kw)]
+        w_dq[value] = dq
+    names = node_names(model)
+    for t in targets:
+        n = g.node[names.index(t.node)]
+        for i, x in enumerate(n.input):
+            if i < 2 and x in act_dq and x in t.inputs:
+                n.input[i] = act_dq[x]
+        if t.weight is not None:
+            n.input[1] = w_dq[t.weight]
+    g.initializer.extend(inits)
+    g.node.extend(new_nodes)
+    toposort(model)
+    return len(act_dq) + len(w_dq)
+
+
+def _symmetric_scale(value: str, fresh, nodes: list, inits: list) -> tuple[str, str]:
+    """s = max(max|x| / 127, tiny) computed in the graph, and a zero point of 0 (int8)."""
+    a, m, d, s = (fresh(f"{value}_{k}") for k in ("abs", "absmax", "absmax_127", "scale"))
+    c127, tiny, z = (fresh(f"{value}_{k}") for k in ("127", "min_scale", "zero_point"))
+    inits += [_scalar(c127, 127.0, np.float32), _scalar(tiny, _math.MIN_SCALE, np.float32),
+              _scalar(z, 0, np.int8)]
+    nodes += [helper.make_node("Abs", [value], [a], name=fresh(f"{value}_Abs")),
+              helper.make_node("ReduceMax", [a], [m], keepdims=0,
+                               name=fresh(f"{value}_ReduceMax")),
+              helper.make_node("Div", [m, c127], [d], name=fresh(f"{value}_Div")),
+              helper.make_node("Max", [d, tiny], [s], name=fresh(f"{value}_Max"))]
+    return s, z
+
+
+def check_opset(model: onnx.ModelProto, spec: Spec) -> None:
+    v = opset(model)
+    need = 13 if spec.weights == "per_channel" else 11 if spec.activations == "dynamic" else 10
+    if v < need:
+        raise OptionError(
+            f"quantize: this ONNX model uses opset {v}; "
+            f"{'per-channel weights' if need == 13 else 'this quantization'} need opset "
+            f">= {need}.", "Re-export the model with a newer opset (e.g. opset_version=17)"
+            + (", or use weights='per_tensor'." if need == 13 else "."))
+
+
+# -- graph helpers (shared with fold_fake_quant) ---------------------------------------------
+class Namer:
+    """Fresh value / node / initializer names."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.taken = {i.name for i in g.initializer} | {i.name for i in g.input}
+        self.taken |= {o.name for o in g.output}
+        for n in g.node:
+            self.taken.update(n.output)
+            self.taken.update(n.input)
+            self.taken.add(n.name)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def toposort(model: onnx.ModelProto) -> None:
+    """Order the nodes so every value is produced before it is read (stable: nodes keep their
+    relative order where the data allows)."""
+    g = model.graph
+    nodes = list(g.node)
+    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    done, order, visiting = set(), [], set()
+
+    def needs(n):
+        out = list(n.input)
+        for a in n.attribute:  # values read inside subgraphs come from outside too
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                for sn in sub.node:
+                    out.extend(sn.input)
+        return out
+
+    def visit(i):
+        if i in done:
+            return
+        stack = [(i, iter(needs(nodes[i])))]
+        visiting.add(i)
+        while stack:
+            j, it = stack[-1]
+            for v in it:
+                if v in known or v not in producer:
+                    continue
+                p = producer[v]
+                if p not in done and p not in visiting:
+                    visiting.add(p)
+                    stack.append((p, iter(needs(nodes[p]))))
+                    break
+            else:
+                stack.pop()
+                visiting.discard(j)
+                done.add(j)
+                order.append(nodes[j])
+
+    for i in range(len(nodes)):
+        visit(i)
+    del g.node[:]
+    g.node.extend(order)
+
+
+def drop_unused(model: onnx.ModelProto, candidates) -> int:
+    """Remove the producers (nodes, initializers) of ``candidates`` that nothing reads any more,
+    walking up through their inputs; returns how many nodes went."""
+    g = model.graph
+    removed = 0
+    todo = list(candidates)
+    while todo:
+        readers: dict[str, int] = {}
+        for n in g.node:
+            for v in n.input:
+                readers[v] = readers.get(v, 0) + 1
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    for sn in sub.node:
+                        for v in sn.input:
+                            readers[v] = readers.get(v, 0) + 1
+        outputs = {o.name for o in g.output}
+        nxt = []
+        for v in dict.fromkeys(todo):
+            if readers.get(v) or v in outputs:
+                continue
+            for i, n in enumerate(g.node):
+                if v in n.output:
+                    if all(not readers.get(o) and o not in outputs for o in n.output):
+                        nxt.extend(n.input)
+                        del g.node[i]
+                        removed += 1
+                    break
+            else:
+                for i, t in enumerate(g.initializer):
+                    if t.name == v:
+                        del g.initializer[i]
+                        # IR < 4 models list initializers among the inputs too
+                        for j, vi in enumerate(g.input):
+                            if vi.name == v:
+                                del g.input[j]
+                                break
+                        break
+        todo = nxt
+    produced = {o for n in g.node for o in n.output}
+    for i in reversed(range(len(g.value_info))):
+        if g.value_info[i].name not in produced:
+            del g.value_info[i]
+    return removed
