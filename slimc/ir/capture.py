@@ -274,11 +274,29 @@ def export_program(graph: Graph):
                            "it with the pass list.") from e
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx's exporter logs progress and warnings (missing torchvision, optimizer
+    retries) that are noise to a slimc user; keep only errors."""
+    import logging
+    names = ("torch.onnx", "onnxscript", "onnx_ir", "torch.onnx._internal.exporter")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def fx_to_onnx(graph: Graph):
     import torch
     ep = export_program(graph)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _quiet_exporter():
             prog = torch.onnx.export(ep, tuple(torch.as_tensor(x) for x in graph.example_inputs),
                                      dynamo=True, verbose=False, input_names=graph.input_names,
                                      external_data=False)
