@@ -288,6 +288,7 @@ def drop_unused(model: onnx.ModelProto, candidates) -> int:
     walking up through their inputs; returns how many nodes went."""
     g = model.graph
     removed = 0
+    gone: set[str] = set()
     todo = list(candidates)
     while todo:
         readers: dict[str, int] = {}
@@ -308,6 +309,7 @@ def drop_unused(model: onnx.ModelProto, candidates) -> int:
                 if v in n.output:
                     if all(not readers.get(o) and o not in outputs for o in n.output):
                         nxt.extend(n.input)
+                        gone.update(n.output)
                         del g.node[i]
                         removed += 1
                     break
@@ -322,8 +324,7 @@ def drop_unused(model: onnx.ModelProto, candidates) -> int:
                                 break
                         break
         todo = nxt
-    produced = {o for n in g.node for o in n.output}
     for i in reversed(range(len(g.value_info))):
-        if g.value_info[i].name not in produced:
+        if g.value_info[i].name in gone:
             del g.value_info[i]
     return removed
