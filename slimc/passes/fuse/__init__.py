@@ -134,7 +134,7 @@ def explain(g, rule: Rule | str) -> list[Refusal | str]:
     from ._match import explain as _explain
     r = resolve_rules([rule])
     graph, _ = as_graph(g)
-    return _explain(_host(graph.copy()), r.rules[0])
+    return _explain(_host(graph), r.rules[0])  # hosts only read until they commit a plan
 
 
 fuse.explain = explain

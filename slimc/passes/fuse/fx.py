@@ -173,8 +173,10 @@ class FxHost:
         t = _val(v)
         if t is None:
             return None
-        return torch.empty((), dtype=t.dtype).numpy().dtype if t.dtype.is_floating_point \
-            or not t.dtype.is_complex else None
+        try:
+            return np.dtype(str(t.dtype).removeprefix("torch."))
+        except TypeError:  # bfloat16 and other types numpy cannot name
+            return None
 
     def opset(self, domain: str = "") -> int | None:
         return None

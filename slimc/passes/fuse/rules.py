@@ -580,18 +580,46 @@ def _swap_last(rank: int) -> tuple[int, ...]:
     return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
+def _static(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
 def _check_attention_standard(m: Match) -> str | None:
     reason = _check_attention(m)
-    if reason is None and m.host.backend == "onnx" and m.rank("q") != 4:
-        return (f"ONNX Attention reads {m.rank('q')}-D inputs as [batch, seq, hidden]; this "
-                "attention is per head")
-    return reason
+    if reason:
+        return reason
+    rank = m.rank("q")
+    if rank > 4:
+        return f"attention over {rank}-D q/k/v; the fused ops take [batch, heads, seq, dim]"
+    if rank == 3 and not all(_static(m.shape(n)) for n in ("q", "kT", "v")):
+        return "3-D (per-head) attention needs static shapes to gain a heads axis"
+    if rank == 3 and "mask" in m and not _static(m.shape("mask")):
+        return "the mask of a 3-D attention needs a static shape"
+    return None
+
+
+def _heads_axis(b, value, shape):
+    """``value`` [B', L, E] as [B', 1, L, E]: ONNX Attention reads 3-D inputs as [batch,
+    seq, hidden] and TVM imports 4-D (or 2-D) scaled_dot_product_attention only."""
+    full = (1,) * (3 - len(shape)) + tuple(shape)
+    return b.op("Reshape", value, shape=(full[0], 1) + full[1:], target=None, allowzero=0)
 
 
 def _replace_attention(b, m: Match):
-    k = b.op("Transpose", m["kT"], perm=_swap_last(m.rank("kT")))
-    ins = [m["q"], k, m["v"]] + ([m["mask"]] if "mask" in m else [])
-    return b.op("Attention", *ins, scale=_scale(m))
+    rank = m.rank("q")
+    q, kt, v = m["q"], m["kT"], m["v"]
+    mask = m.get("mask")
+    if rank == 3:
+        q, kt, v = (_heads_axis(b, m[n], m.shape(n)) for n in ("q", "kT", "v"))
+        if mask is not None and m.rank("mask") < 4:
+            mask = _heads_axis(b, mask, m.shape("mask"))
+    k = b.op("Transpose", kt, perm=_swap_last(4 if rank == 3 else rank))
+    ins = [q, k, v] + ([mask] if mask is not None else [])
+    out = b.op("Attention", *ins, scale=_scale(m))
+    if rank == 3:
+        qs, vs = m.shape("q"), m.shape("v")
+        out = b.op("Reshape", out, shape=(qs[0], qs[1], vs[2]), target=None, allowzero=0)
+    return out
 
 
 attention = Rule(
@@ -697,9 +725,14 @@ def _check_skip_ln(m: Match) -> str | None:
 
 def _replace_skip_ln(b, m: Match):
     need_sum = m.used_outside(m["res"])
-    outs = b.op("com.microsoft.SkipLayerNormalization", m["h"], m["skip"], m["gamma"],
-                m.get("beta"), m.get("bias"), outputs=4 if need_sum else 1,
-                epsilon=float(m["ln"].attrs["epsilon"]))
+    hidden = m.shape("h")[-1]
+    dt = m.host.dtype(m["h"]) or np.dtype(np.float32)
+    # beta and bias are optional in onnxruntime; zeros where the source has none (adding 0 is
+    # exact) keep the op readable by importers that require them (TVM's ONNX frontend)
+    zeros = [m[n] if n in m else b.const(np.zeros(hidden, dt), f"zero_{n}")
+             for n in ("beta", "bias")]
+    outs = b.op("com.microsoft.SkipLayerNormalization", m["h"], m["skip"], m["gamma"], *zeros,
+                outputs=4 if need_sum else 1, epsilon=float(m["ln"].attrs["epsilon"]))
     if not need_sum:
         return outs
     return [(m["ln"].outputs[0], outs[0]), (m["res"].outputs[0], outs[3])]
