@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from zoo import TS_EXPORTABLE, ZOO, to_onnx
 
 import slimc
 from slimc.errors import CaptureError, InputFileError, ShapeError, UnsupportedError
-from zoo import TS_EXPORTABLE, ZOO, to_onnx
 
 
 def _heads(g):
