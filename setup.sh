@@ -15,4 +15,9 @@ if [ "${1:-}" = "--test" ]; then
 fi
 echo "setup: installing slimc[$extras] (torch CPU build, TVM, onnx, onnxruntime) ..." >&2
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+if [ "${1:-}" = "--test" ]; then
+    # tests/test_arm.py: qemu-user, the aarch64 cross compiler and an aarch64 sysroot with
+    # numpy + TVM's runtime in .cache/arm-sysroot (a no-op once built; apt-get update at most once)
+    scripts/setup_arm.sh
+fi
 echo "setup: done" >&2

@@ -42,7 +42,9 @@ def _tvm():
         sys.modules["torch"] = None  # the import system reads None as "not installed"
     try:
         import tvm
-        from tvm import relax  # noqa: F401  (the VM lives there)
+        # the VM from tvm.runtime, not tvm.relax: a runtime-only TVM (libtvm_runtime alone, as
+        # deployed on a board) has no tvm.relax
+        from tvm.runtime import vm  # noqa: F401
     finally:
         if hide and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
@@ -168,7 +170,7 @@ def load(path) -> Module:
     device = _device(path, meta, tvm)
     try:
         lib = tvm.runtime.load_module(str(lib_path))
-        vm = tvm.relax.VirtualMachine(lib, device)
+        vm = tvm.runtime.vm.VirtualMachine(lib, device)
     except Exception as e:
         raise ArtifactError(f"TVM cannot load {lib_path}: {str(e).strip()[:300]}",
                             "The library is damaged or was built for another system; compile "

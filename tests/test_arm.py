@@ -1,0 +1,151 @@
+"""ARM for real: a model compiled for ``"arm"`` runs on an aarch64 CPU and matches x86.
+
+The aarch64 CPU is qemu-user: ``scripts/setup_arm.sh`` (run by ``./setup.sh --test``) installs
+qemu-user and the aarch64 cross compiler, and builds a sysroot with Debian's arm64 CPython,
+numpy and TVM's aarch64 *runtime* library (no compiler, as on a deployed board). slimc's
+runtime is imported there from this source tree, loads the cross-compiled ``lib.so`` and runs
+it; its outputs must equal the x86 build's (and torch's) within 1e-4.
+
+Without that tooling these tests fail (CI installs it), saying how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from zoo import ZOO
+
+import slimc
+from slimc import runtime
+
+ATOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+SYSROOT = Path(os.environ.get("SLIMC_ARM_SYSROOT", REPO / ".cache" / "arm-sysroot"))
+EM_AARCH64 = 183  # ELF e_machine of aarch64
+
+# Runs on the aarch64 side: load the ARM artifact, run it, benchmark it briefly, try to load the
+# x86 artifact, and report which modules the process imported.
+_DRIVER = r"""
+import json, platform, sys, time
+import numpy as np
+start = time.perf_counter()
+import slimc.runtime as rt
+from slimc.errors import ArtifactError
+arm_dir, x86_dir, inputs_npz, outputs_npz = sys.argv[1:5]
+imported = time.perf_counter()
+m = rt.load(arm_dir)
+loaded = time.perf_counter()
+inputs = np.load(inputs_npz)
+outputs = m(*(inputs[name] for name in m.input_names))
+np.savez(outputs_npz, *outputs)
+ran = time.perf_counter()
+bench = m.benchmark(*(inputs[name] for name in m.input_names), repeat=3, warmup=1)
+try:
+    rt.load(x86_dir)
+    refusal = None
+except ArtifactError as e:
+    refusal = str(e)
+import tvm
+print(json.dumps({
+    "machine": platform.machine(),
+    "modules": sorted({name.split(".")[0] for name in sys.modules}),
+    "slimc_modules": sorted(n for n in sys.modules if n.startswith("slimc")),
+    "tvm_libraries": sorted(tvm.base._LOADED_LIBS),
+    "x86_refusal": refusal,
+    "benchmark_median_ms": bench["median_ms"],
+    "seconds": {"import": imported - start, "load": loaded - imported, "run": ran - loaded},
+}))
+"""
+
+
+def _aarch64_python() -> Path:
+    """The qemu wrapper of the sysroot's aarch64 CPython; fails saying how to get it."""
+    python = SYSROOT / "python"
+    missing = [what for what, ok in [
+        ("qemu-aarch64 (Debian: qemu-user)", shutil.which("qemu-aarch64")),
+        ("aarch64-linux-gnu-g++ (Debian: g++-aarch64-linux-gnu)",
+         shutil.which("aarch64-linux-gnu-g++")),
+        (f"the aarch64 sysroot {SYSROOT}", python.is_file() and (SYSROOT / ".complete").is_file()),
+    ] if not ok]
+    if missing:
+        pytest.fail("The ARM tests need " + ", ".join(missing) + ". Install them with "
+                    "scripts/setup_arm.sh (./setup.sh --test runs it; CI installs them).",
+                    pytrace=False)
+    return python
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """The zoo's tiny BERT compiled for "arm" and "x86", saved; its inputs; torch's outputs."""
+    python = _aarch64_python()  # fail before spending a compile on a machine without qemu
+    module, inputs, _ = ZOO["bert"]()
+    g = slimc.capture(module, inputs)
+    out = tmp_path_factory.mktemp("arm")
+    arm = slimc.compile(g, "arm").save(out / "arm")
+    x86 = slimc.compile(g, "x86").save(out / "x86")
+    inputs_npz = out / "inputs.npz"
+    np.savez(inputs_npz, **dict(zip(g.input_names, g.example_inputs)))
+    return {"python": python, "arm": arm, "x86": x86, "inputs": inputs_npz, "graph": g,
+            "torch": g.run(), "dir": out}
+
+
+@pytest.fixture(scope="module")
+def on_aarch64(artifacts):
+    """Run the ARM artifact under qemu-aarch64 once; its report and outputs."""
+    outputs_npz = artifacts["dir"] / "aarch64_outputs.npz"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(artifacts["dir"]),
+           "PYTHONPATH": str(REPO), "PYTHONNOUSERSITE": "1", "LC_ALL": "C.UTF-8"}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [str(artifacts["python"]), "-c", _DRIVER, str(artifacts["arm"]), str(artifacts["x86"]),
+         str(artifacts["inputs"]), str(outputs_npz)],
+        capture_output=True, text=True, env=env, timeout=600)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"the aarch64 run failed:\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["seconds"]["process"] = seconds
+    with np.load(outputs_npz) as f:
+        outputs = [f[f"arr_{i}"] for i in range(len(f.files))]
+    print(f"\naarch64 under qemu: {json.dumps(report['seconds'])}")
+    return report, outputs
+
+
+def test_arm_library_is_aarch64(artifacts):
+    meta = runtime.read_metadata(artifacts["arm"])
+    assert meta["target"]["triple"] == "aarch64-linux-gnu" and meta["target"]["isa"] == ["neon"]
+    header = (artifacts["arm"] / runtime.LIBRARY_FILE).read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == EM_AARCH64
+
+
+def test_arm_matches_x86_and_torch(artifacts, on_aarch64):
+    report, outputs = on_aarch64
+    assert report["machine"] == "aarch64"
+    x86 = runtime.load(artifacts["x86"])(*artifacts["graph"].example_inputs)
+    assert len(outputs) == len(x86) == len(artifacts["torch"])
+    for arm_out, x86_out, torch_out in zip(outputs, x86, artifacts["torch"]):
+        assert arm_out.shape == x86_out.shape and arm_out.dtype == x86_out.dtype
+        assert float(np.abs(arm_out - x86_out).max()) < ATOL
+        assert float(np.abs(arm_out - torch_out).max()) < ATOL
+    assert report["benchmark_median_ms"] > 0
+
+
+def test_aarch64_runtime_needs_numpy_and_tvm_runtime_only(on_aarch64):
+    report, _ = on_aarch64
+    # the deployed path: no torch, onnx or compiler code, and TVM's runtime library alone
+    assert not {"torch", "onnx", "onnxruntime", "transformers"} & set(report["modules"])
+    assert not [m for m in report["slimc_modules"]
+                if m.startswith(("slimc.codegen", "slimc.passes"))]
+    assert report["tvm_libraries"] == ["tvm_runtime"]
+
+
+def test_aarch64_runtime_refuses_x86_artifact(on_aarch64):
+    report, _ = on_aarch64
+    refusal = report["x86_refusal"]
+    assert refusal is not None and "x86_64" in refusal and "aarch64" in refusal
