@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from zoo import ZOO
 import slimc
 from slimc.codegen.schedules import CPUConfig, apply_default_schedules, cpu_config, schedule_report
 from slimc.codegen.targets import resolve_target
+from slimc.codegen.tune import apply_database, count_records, database_hook, tune
 
 TARGET = resolve_target("x86")
 RNG = np.random.default_rng(0)
@@ -181,7 +183,8 @@ def test_cpu_config_follows_the_vector_isa():
 
 
 # -- default schedules on real architectures -----------------------------------------------------
-@pytest.mark.parametrize("name", ["bert", "gpt2", "vit", "llama"])
+@pytest.mark.parametrize("name", ["bert", *(pytest.param(n, marks=pytest.mark.slow)
+                                            for n in ("gpt2", "vit", "llama"))])
 def test_default_schedules_keep_zoo_models_exact(name):
     module, inputs, _ = ZOO[name]()
     g = slimc.capture(module, inputs)
@@ -224,3 +227,146 @@ def test_default_schedules_are_much_faster_than_untuned():
 
     # measured ~50-100x here; 5x leaves room for a loaded machine without becoming vacuous
     assert best_of(slow) > 5 * best_of(fast)
+
+
+# -- tuning --------------------------------------------------------------------------------------
+def _small_model():
+    """One linear + GELU: two kernels at most, fast to tune."""
+    return _matmul_module((32, 64), (64, 64), const_b=True, gelu=True)
+
+
+def test_tuning_writes_records_and_a_second_tune_runs_no_trials(tmp_path, capsys):
+    mod, args, want = _small_model()
+    db = tmp_path / "db"
+    first = tune(mod, TARGET, trials=6, db=db)
+    assert first.trials >= 1 and first.tuned == first.tasks >= 1
+    assert count_records(db) > 0
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    err = capsys.readouterr().err
+    assert "tune [" in err and "best" in err and "ETA" in err
+
+    second = tune(mod, TARGET, trials=6, db=db)
+    assert second.trials == 0 and second.skipped == second.tasks
+    assert count_records(db) == first.records
+
+    # a larger budget reopens the tasks and adds trials
+    third = tune(mod, TARGET, trials=12, db=db, progress=False)
+    assert third.trials > 0 and count_records(db) > first.records
+
+    tuned = apply_database(mod, TARGET, db)
+    got = _run(tuned, *args)
+    assert np.abs(got - want).max() / max(1.0, np.abs(want).max()) < 1e-5
+
+
+@pytest.mark.slow
+def test_tuned_model_matches_torch(tmp_path):
+    module, inputs, _ = ZOO["mha"]()
+    g = slimc.capture(module, inputs)
+    from slimc.codegen.build import to_relax
+    mod, _, _ = to_relax(g)
+    db = tmp_path / "db"
+    summary = tune(mod, TARGET, trials=12, db=db, progress=False)
+    assert summary.records > 0
+    art = slimc.compile(g, "x86", tune=database_hook(db))
+    assert "database_hook" in art.metadata["schedules"]
+    vm = relax.VirtualMachine(art.executable, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(x) for x in g.example_inputs])
+    got = out.numpy() if hasattr(out, "numpy") else out[0].numpy()
+    assert np.abs(got - g.run(*g.example_inputs)[0]).max() < 1e-4
+
+
+def test_time_budget_stops_tuning(tmp_path):
+    mod, _, _ = _small_model()
+    start = time.perf_counter()
+    summary = tune(mod, TARGET, seconds=3, db=tmp_path / "db", progress=False)
+    # the budget is checked after each measured batch: one batch may run over
+    assert time.perf_counter() - start < 120
+    assert summary.trials >= 1 and summary.records >= 1
+
+
+def test_budget_is_shared_by_cost_with_a_floor():
+    from slimc.codegen.tune import TaskStatus, _budgets
+    tasks = [TaskStatus("matmul", 4, 1e9), TaskStatus("gelu", 1, 1e5), TaskStatus("add", 8, 1e4)]
+    _budgets(tasks, trials=200, seconds=None)
+    budgets = [t.budget for t in tasks]
+    assert sum(budgets) <= 200 and budgets[0] > 150 and min(budgets) >= 8
+    fresh = [TaskStatus("matmul", 4, 1e9), TaskStatus("gelu", 1, 1e5)]
+    _budgets(fresh, trials=None, seconds=None)
+    assert all(t.budget == 64 for t in fresh)
+    _budgets(tasks, trials=None, seconds=None)   # a default budget never lowers an earlier one
+    assert tasks[0].budget == budgets[0]
+
+
+def test_a_torn_last_line_is_dropped_and_the_database_loads(tmp_path):
+    mod, args, want = _small_model()
+    db = tmp_path / "db"
+    tune(mod, TARGET, trials=3, db=db, progress=False)
+    records = db / "database_tuning_record.json"
+    good = records.read_text()
+    lines = good.splitlines()
+    assert len(lines) >= 2
+    before = count_records(db)
+    records.write_text(good + lines[0][: len(lines[0]) // 2])   # a kill during an append
+    assert count_records(db) == before                         # counting skips the torn line
+    tuned = apply_database(mod, TARGET, db)                     # opening drops it
+    assert records.read_text() == good
+    np.testing.assert_allclose(_run(tuned, *args), want, rtol=1e-4, atol=1e-4)
+    records.write_text("\n".join([lines[0][:10], *lines[1:]]) + "\n")
+    with pytest.raises(slimc.SlimcError, match="corrupt at line 1"):
+        apply_database(mod, TARGET, db)
+
+
+@pytest.mark.slow
+def test_a_killed_tune_keeps_its_records_and_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    db = tmp_path / "db"
+    paths = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
+    script = (
+        f"import sys; sys.path[:0] = {paths!r}\n"
+        "from test_tune import _small_model, TARGET\n"
+        "from slimc.codegen.tune import tune\n"
+        "mod, _, _ = _small_model()\n"
+        f"tune(mod, TARGET, trials=400, db={str(db)!r}, progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = db / "slimc_tune.json"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.exists() and count_records(db) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the tuning process ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = count_records(db)
+    assert kept >= 2
+    mod, args, want = _small_model()
+    resumed = tune(mod, TARGET, trials=400, db=db, seconds=5, progress=False)
+    # progress was saved: the resumed run continues from the trials already made
+    assert any(t.trials > resumed.trials for t in resumed.per_task) or resumed.skipped
+    assert count_records(db) >= kept
+    np.testing.assert_allclose(_run(apply_database(mod, TARGET, db), *args), want,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_database_for_another_target_is_refused(tmp_path):
+    mod, _, _ = _small_model()
+    db = tmp_path / "db"
+    tune(mod, TARGET, trials=1, db=db, progress=False)
+    other = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+    with pytest.raises(slimc.errors.OptionError, match="one database directory per target"):
+        tune(mod, other, trials=1, db=db, progress=False)
+
+
+def test_missing_database_is_an_error(tmp_path):
+    mod, _, _ = _small_model()
+    with pytest.raises(slimc.SlimcError, match="does not exist"):
+        apply_database(mod, TARGET, tmp_path / "nowhere")

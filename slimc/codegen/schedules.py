@@ -397,35 +397,46 @@ def _schedule_fallback(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig)
 
 
 # -- driver ----------------------------------------------------------------------------------
-def schedule_primfunc(func: tirx.PrimFunc, target: Target,
-                      cfg: CPUConfig | None = None) -> tuple[tirx.PrimFunc, str | None]:
-    """Schedule one PrimFunc with the first rule that applies; returns (function, rule name),
-    the function unchanged and ``None`` when no rule applies."""
+RULES = ("matmul", "reduction", "injective", "fallback")
+
+
+def default_schedule(mod: tvm.IRModule, target: Target, cfg: CPUConfig | None = None
+                     ) -> tuple[s_tir.Schedule | None, str | None]:
+    """The schedule of ``mod["main"]`` (a PrimFunc) by the first rule in :data:`RULES` that
+    applies, with its trace (tuning seeds its search with it), and the rule's name; (None, None)
+    when no rule applies."""
     cfg = cfg or cpu_config(target)
-    func_main = func.with_attr("global_symbol", "main") if "global_symbol" not in func.attrs \
-        else func
-    for name in ("matmul", "reduction", "injective", "fallback"):
-        sch = s_tir.Schedule(func_main)
+    func = mod["main"]
+    for name in RULES:
+        sch = s_tir.Schedule(mod)
         try:
             if name == "reduction":
-                result = _schedule_reduction(sch, func_main, cfg, target)
-                ok = result is not None
-                if ok:
-                    sch = result
+                sch = _schedule_reduction(sch, func, cfg, target)
+                ok = sch is not None
             else:
                 ok = {"matmul": _schedule_matmul, "injective": _schedule_injective,
-                      "fallback": _schedule_fallback}[name](sch, func_main, cfg)
+                      "fallback": _schedule_fallback}[name](sch, func, cfg)
         except _REFUSED:
             # a rule whose primitive refuses this function: the next rule (or none) takes it
             ok = False
         if ok:
-            out = sch.mod["main"]
-            if "global_symbol" not in func.attrs:
-                out = out.without_attr("global_symbol")
-            out = out.with_attrs({"tirx.is_scheduled": True, "op_pattern": _OPAQUE,
-                                  RULE_ATTR: name})
-            return out, name
-    return func, None
+            return sch, name
+    return None, None
+
+
+def schedule_primfunc(func: tirx.PrimFunc, target: Target,
+                      cfg: CPUConfig | None = None) -> tuple[tirx.PrimFunc, str | None]:
+    """Schedule one PrimFunc (see :func:`default_schedule`); returns (function, rule name), the
+    function unchanged and ``None`` when no rule applies."""
+    named = "global_symbol" in func.attrs
+    main = func if named else func.with_attr("global_symbol", "main")
+    sch, rule = default_schedule(tvm.IRModule({"main": main}), target, cfg)
+    if sch is None:
+        return func, None
+    out = sch.mod["main"]
+    if not named:
+        out = out.without_attr("global_symbol")
+    return out.with_attrs({"tirx.is_scheduled": True, "op_pattern": _OPAQUE, RULE_ATTR: rule}), rule
 
 
 def schedule_module(mod: tvm.IRModule, target: Target,
@@ -441,6 +452,15 @@ def schedule_module(mod: tvm.IRModule, target: Target,
         new, _ = schedule_primfunc(func, target, cfg)
         out[gv] = new
     return out
+
+
+def freeze_scheduled(mod: tvm.IRModule) -> tvm.IRModule:
+    """Mark every scheduled PrimFunc opaque, so the build's FuseOps/FuseTIR leave it whole."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None \
+                and func.attrs.get("tirx.is_scheduled"):
+            mod[gv] = func.with_attr("op_pattern", _OPAQUE)
+    return mod
 
 
 def schedule_report(mod: tvm.IRModule) -> dict[str, str | None]:
@@ -474,9 +494,10 @@ def _is_legalized(mod: tvm.IRModule) -> bool:
     return not found
 
 
-def _constant_weights_only(mod: tvm.IRModule) -> tvm.IRModule:
-    """AttachAttrLayoutFreeBuffers marks constants and, past ``num_input``, parameters: a
-    parameter's packing would run on every call, so only constants are marked here."""
+def mark_weights(mod: tvm.IRModule) -> tvm.IRModule:
+    """Mark which PrimFunc arguments are constant weights (``layout_free_buffers``), the ones a
+    schedule may repack at build time. TVM's AttachAttrLayoutFreeBuffers also marks parameters
+    past ``num_input``, whose packing would run on every call: only constants are marked here."""
     stripped = {}
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function) and func.attrs is not None \
@@ -523,7 +544,7 @@ def apply_default_schedules(mod: tvm.IRModule, target, *, fast_math: bool = True
     if not _is_legalized(mod):
         mod = legalize(mod, target, fast=fast_math)
     with target:
-        mod = _constant_weights_only(mod)
+        mod = mark_weights(mod)
         mod = schedule_module(mod, target, config)
         mod = relax.transform.SplitLayoutRewritePreproc()(mod)
         mod = relax.transform.FoldConstant()(mod)
