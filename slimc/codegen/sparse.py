@@ -1,0 +1,495 @@
+"""Block-sparse lowering: matmuls with a constant, block-sparse weight → BSR kernels.
+
+Zeros in a dense matrix save nothing: ``threshold_weights(g, sparsity=s, block=(r, c))`` leaves
+the shapes as they were and the dense kernel multiplies by every zero. This Relax module pass
+finds ``matmul(x, W)`` with ``W`` a constant (ONNX ``MatMul`` with an initializer; torch
+``linear``, imported as ``matmul(x, permute_dims(W))``), and an ``add`` of a constant bias after
+it, measures the block sparsity of ``W`` and, where it reaches ``threshold``, replaces the matmul
+(and the bias add) by a ``call_tir`` to a block-sparse-row (BSR) kernel written here in TIR. The
+module then holds only the non-zero blocks, so the library on disk shrinks with the sparsity.
+
+Blocks are ``(r, c)`` of the canonical weight matrix ``W`` (rows = output features, columns =
+the reduction axis), the convention of ``threshold_weights(block=...)``. The kernel::
+
+    for each block row i, in parallel:                     (r output features)
+        for each tile of mr rows of x:
+            acc[mr, r] = bias[i·r : (i+1)·r]               (registers)
+            for each non-zero block j of row i:            (data-dependent, from indptr)
+                for each of its c columns:
+                    acc[a, :] += x[row a, indices[j]·c + col] · data[j, col, :]   (vector FMA)
+            y[rows, i·r : (i+1)·r] = acc
+
+The ``r`` output features of a block are contiguous in ``data`` and in ``y``, so the innermost
+loop is one (or r / lanes) vector FMA with ``x`` broadcast: blocks of ``r`` = 16 or 32 outputs
+(one or two AVX-512 vectors) are what this kernel is fast for; ``r`` below the vector width is
+correct but leaves lanes idle. TVM 0.27's topi has no ``sparse_dense`` any more, hence the TIR.
+
+Composition with the schedules: the kernel is marked scheduled and opaque, so
+:func:`.schedules.apply_default_schedules` (and a tuning database) leave it whole and schedule
+the rest; :func:`sparse_hook` runs this pass first and then the hook given as ``then``.
+
+Numerics: each output sums the same products as the dense matmul, minus those with a zero
+weight (which are exactly 0), in increasing ``k`` with the bias first instead of last: fp32
+results match the dense thresholded build to rounding (the tests hold them to 1e-4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.ir.expr import Constant  # relax.const's class (TVM 0.27 moved it to tvm.ir)
+from tvm.script import tirx as T
+from tvm.target import Target
+
+from ..errors import OptionError
+from .build import ScheduleHook
+
+KERNEL_ATTR = "slimc.bsr"   # on every BSR PrimFunc: "K×N r×c" (see :func:`sparse_report`)
+DEFAULT_BLOCK = (16, 1)
+# Lower a weight whose fraction of all-zero blocks is at least this. bench/sparsity.py measures
+# the crossover: on the Zen 4 this was written on, the BSR kernel runs at about the dense
+# kernel's FLOP rate, so it pays from low sparsity on; the margin covers per-block overhead
+# (index loads, short rows) and machines where the dense kernel is relatively faster.
+DEFAULT_THRESHOLD = 0.3
+# relax OpPatternKind.kOpaque: FuseOps must not fuse a neighbour into the hand-written kernel
+_OPAQUE = 8
+_FLOAT32 = "float32"
+
+
+# -- the BSR format ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BSR:
+    """A matrix ``W`` (N, K) in block-sparse-row form with (r, c) blocks.
+
+    ``data[j]`` is the j-th non-zero block, stored transposed (c, r) so a block's r output
+    features are contiguous; ``indices[j]`` its block column; the blocks of block row ``i`` are
+    ``indptr[i]:indptr[i + 1]``. An all-zero matrix keeps one zero block that no row points to
+    (TVM buffers cannot be empty).
+    """
+
+    data: np.ndarray      # (max(nnz, 1), c, r)
+    indices: np.ndarray   # (max(nnz, 1),) int32
+    indptr: np.ndarray    # (N / r + 1,) int32
+    shape: tuple[int, int]
+    block: tuple[int, int]
+
+    @property
+    def nnz_blocks(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def density(self) -> float:
+        """The fraction of blocks stored."""
+        n, k = self.shape
+        r, c = self.block
+        return self.nnz_blocks / ((n // r) * (k // c))
+
+    def to_dense(self) -> np.ndarray:
+        n, k = self.shape
+        r, c = self.block
+        out = np.zeros((n // r, r, k // c, c), dtype=self.data.dtype)
+        rows = np.repeat(np.arange(n // r), np.diff(self.indptr))
+        out[rows, :, self.indices[:self.nnz_blocks], :] = \
+            self.data[:self.nnz_blocks].transpose(0, 2, 1)
+        return out.reshape(n, k)
+
+
+def _blocks(w: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """(N, K) → (N/r, K/c, c, r): each block transposed, as the kernel reads it."""
+    n, k = w.shape
+    r, c = block
+    return w.reshape(n // r, r, k // c, c).transpose(0, 2, 3, 1)
+
+
+def block_sparsity(w: np.ndarray, block: tuple[int, int]) -> float:
+    """The fraction of (r, c) blocks of ``w`` (N, K) that are all zero."""
+    nonzero = np.any(_blocks(w, block) != 0, axis=(2, 3))
+    return 1.0 - float(nonzero.mean()) if nonzero.size else 0.0
+
+
+def to_bsr(w: np.ndarray, block: tuple[int, int]) -> BSR:
+    """``w`` (N, K), both divisible by the block, in BSR form (all-zero blocks dropped)."""
+    n, k = w.shape
+    r, c = block
+    if n % r or k % c:
+        raise OptionError(f"A {n}x{k} weight does not split into {r}x{c} blocks.",
+                          "Choose a block whose sides divide the weight's (out, in) shape.")
+    blocks = _blocks(w, block)
+    nonzero = np.any(blocks != 0, axis=(2, 3))
+    rows, cols = np.nonzero(nonzero)   # row-major: block rows in order, columns ascending
+    indptr = np.zeros(n // r + 1, dtype=np.int32)
+    np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
+    if rows.size:
+        data = np.ascontiguousarray(blocks[rows, cols])
+        indices = cols.astype(np.int32)
+    else:
+        data = np.zeros((1, c, r), dtype=w.dtype)
+        indices = np.zeros(1, dtype=np.int32)
+    return BSR(data, indices, indptr, (n, k), (r, c))
+
+
+# -- the kernel -------------------------------------------------------------------------------
+def _row_tile(r: int, lanes: int) -> int:
+    """Rows of x per register tile: mr × ceil(r / lanes) accumulators stay at or under 16 vector
+    registers, half the AVX-512 file (measured on Zen 4: r=16 and r=32 fastest at mr=8)."""
+    vectors = max(1, -(-r // lanes))
+    return max(1, min(8, 16 // vectors))
+
+
+def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], nnz: int, *,
+                      mr: int = 8) -> tirx.PrimFunc:
+    """The TIR kernel ``y (m, n) = x (m, k) · Wᵀ + bias`` for ``W`` in :class:`BSR` form with
+    ``nnz`` stored blocks. ``m`` is an int or a ``tirx.Var`` (int64) for a dynamic row count.
+
+    Parameters, in order: x (m, k), data (nnz, c, r), indices (nnz,) int32, indptr
+    (n / r + 1,) int32, bias (n,), y (m, n). Parallel over block rows; within a block row the
+    rows of x go mr at a time, the rows left over one at a time.
+    """
+    r, c = block
+    nb = n // r
+
+    # A root block holding one opaque block: SplitLayoutRewritePreproc (the default schedules
+    # run it on every PrimFunc) requires that shape; TVMScript's well-formedness check is for
+    # block-free TIR, hence it is off. Rows of x: mr at a time, then the rest one at a time.
+    @T.prim_func(private=True, check_well_formed=False)
+    def bsr_matmul(x: T.Buffer((m, k), _FLOAT32), data: T.Buffer((nnz, c, r), _FLOAT32),
+                   indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
+                   bias: T.Buffer((n,), _FLOAT32), y: T.Buffer((m, n), _FLOAT32)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": _OPAQUE,
+                     KERNEL_ATTR: f"{k}x{n} {r}x{c}"})
+        with T.sblock("root"):  # noqa: SIM117 (two blocks, not two contexts)
+            with T.sblock("bsr_matmul"):
+                for i in T.parallel(nb):
+                    acc = T.alloc_buffer((mr, r), _FLOAT32, scope="local")
+                    for mo in T.serial(m // mr):
+                        for a in T.unroll(mr):
+                            for v in T.vectorized(r):
+                                acc[a, v] = bias[i * r + v]
+                        for j in T.serial(indptr[i], indptr[i + 1]):
+                            for col in T.unroll(c):
+                                kk = indices[j] * c + col
+                                for a in T.unroll(mr):
+                                    for v in T.vectorized(r):
+                                        acc[a, v] += x[mo * mr + a, kk] * data[j, col, v]
+                        for a in T.unroll(mr):
+                            for v in T.vectorized(r):
+                                y[mo * mr + a, i * r + v] = acc[a, v]
+                    for t in T.serial(m % mr):
+                        row = m // mr * mr + t
+                        for v in T.vectorized(r):
+                            acc[0, v] = bias[i * r + v]
+                        for j in T.serial(indptr[i], indptr[i + 1]):
+                            for col in T.unroll(c):
+                                kk = indices[j] * c + col
+                                for v in T.vectorized(r):
+                                    acc[0, v] += x[row, kk] * data[j, col, v]
+                        for v in T.vectorized(r):
+                            y[row, i * r + v] = acc[0, v]
+
+    return bsr_matmul
+
+
+# -- finding the matmuls ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`plan_sparse` decided for one matmul with a constant weight."""
+
+    var: str                    # the Relax variable the result is bound to
+    shape: tuple[int, int]      # the weight's canonical (out, in) shape
+    block_sparsity: float | None  # None when the weight cannot be lowered at all
+    lowered: bool
+    bias: bool                  # whether the kernel also adds the bias that followed
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Plan:
+    x: relax.Expr
+    bsr: BSR
+    bias: np.ndarray | None
+
+
+def _const(expr, var2val) -> np.ndarray | None:
+    while isinstance(expr, relax.Var) and expr in var2val:
+        expr = var2val[expr]
+    return expr.value.numpy() if isinstance(expr, Constant) else None
+
+
+def _weight(expr, var2val) -> np.ndarray | None:
+    """The canonical (N, K) matrix of a matmul's right operand B (K, N) when B is a constant,
+    or the transpose of one (how torch's linear arrives)."""
+    while isinstance(expr, relax.Var) and expr in var2val:
+        expr = var2val[expr]
+    if isinstance(expr, Constant):
+        b = expr.value.numpy()
+        return b.T if b.ndim == 2 else None
+    if isinstance(expr, relax.Call) and expr.op.same_as(tvm.ir.Op.get("relax.permute_dims")):
+        w = _const(expr.args[0], var2val)
+        axes = expr.attrs.axes
+        if w is not None and w.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+            return w
+    return None
+
+
+def _static_shape(ty) -> list | None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    return list(ty.shape.values)
+
+
+def _users(func: relax.Function) -> dict:
+    """{variable: number of places that read it} over the whole function."""
+    count: dict = {}
+
+    def read(expr):
+        for v in relax.analysis.free_vars(expr):
+            count[v] = count.get(v, 0) + 1
+
+    body = func.body
+    for blk in body.blocks:
+        for b in blk.bindings:
+            read(b.value)
+    read(body.body)
+    return count
+
+
+def _bias(add: relax.Call, mm_var, n: int, var2val) -> np.ndarray | None:
+    """The bias of ``add(mm, b)`` / ``add(b, mm)`` when b is a float32 constant of shape (n,)
+    or (1, …, 1, n) and the add does not broadcast the matmul result."""
+    a, b = add.args
+    other = b if a.same_as(mm_var) else a if b.same_as(mm_var) else None
+    if other is None or a.same_as(b):
+        return None
+    c = _const(other, var2val)
+    if c is None or c.dtype != np.float32 or c.ndim < 1 or c.shape[-1] != n \
+            or any(d != 1 for d in c.shape[:-1]):
+        return None
+    if not tvm_ffi.structural_equal(add.ty, mm_var.ty):
+        return None
+    return c.reshape(n)
+
+
+def _find(func: relax.Function, threshold: float, block: tuple[int, int]
+          ) -> tuple[dict, set, list[Decision]]:
+    """(plans by result variable, matmul variables folded into a bias add, decisions)."""
+    var2val = relax.analysis.get_var2val(func)
+    users = _users(func)
+    matmul, add = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.add")
+    adds = {}  # matmul variable → the add binding that reads it
+    for var, value in var2val.items():
+        if isinstance(value, relax.Call) and value.op.same_as(add):
+            for arg in value.args:
+                if isinstance(arg, relax.Var):
+                    adds.setdefault(arg, []).append((var, value))
+    plans, folded, decisions = {}, set(), []
+    for var, value in var2val.items():
+        if not (isinstance(value, relax.Call) and value.op.same_as(matmul)):
+            continue
+        w = _weight(value.args[1], var2val)
+        if w is None:
+            continue  # activation × activation (attention), or a weight we cannot read
+        x = value.args[0]
+        shape = (int(w.shape[0]), int(w.shape[1]))
+
+        def decide(ok: bool, reason: str, sparsity=None, bias=False, var=var, shape=shape):
+            decisions.append(Decision(var.name, shape, sparsity, ok, bias, reason))
+
+        xs = _static_shape(x.ty)
+        if w.dtype != np.float32 or getattr(x.ty, "dtype", None) != _FLOAT32 \
+                or getattr(value.ty, "dtype", None) != _FLOAT32:
+            decide(False, "not float32 (the BSR kernel is fp32)")
+            continue
+        if xs is None or len(xs) < 2 or not isinstance(xs[-1], tirx.IntImm) \
+                or int(xs[-1]) != shape[1]:
+            decide(False, f"input of unknown rank or shape {xs}")
+            continue
+        r, c = block
+        if shape[0] % r or shape[1] % c:
+            decide(False, f"({shape[0]}, {shape[1]}) does not split into {r}x{c} blocks")
+            continue
+        s = block_sparsity(w, block)
+        if s < threshold:
+            decide(False, f"block sparsity {s:.3f} < threshold {threshold}", s)
+            continue
+        bias, at = None, var
+        readers = adds.get(var, [])
+        if users.get(var, 0) == 1 and len(readers) == 1:
+            bias = _bias(readers[0][1], var, shape[0], var2val)
+            if bias is not None:
+                at = readers[0][0]
+                folded.add(var)
+        plans[at] = _Plan(x, to_bsr(w, block), bias)
+        decide(True, f"block sparsity {s:.3f} >= threshold {threshold}", s, bias is not None)
+    return plans, folded, decisions
+
+
+# -- the rewrite ------------------------------------------------------------------------------
+@relax.expr_functor.mutator
+class _Lower(relax.PyExprMutator):
+    """Replaces the planned bindings by BSR kernel calls; drops the matmuls a bias add took."""
+
+    def __init__(self, mod: tvm.IRModule, lanes: int) -> None:
+        super().__init__(mod)
+        self.mod_ = mod
+        self.lanes = lanes
+        self.plans: dict = {}
+        self.folded: set = set()
+        self.kernels: dict = {}
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.folded:
+            return  # its only reader, the bias add, becomes the kernel call
+        plan = self.plans.get(binding.var)
+        if plan is None:
+            super().visit_var_binding_(binding)
+            return
+        value = self.builder_.normalize(self._kernel_call(plan, binding.var.ty))
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+
+    def _kernel(self, m, k: int, n: int, bsr: BSR) -> tvm.ir.GlobalVar:
+        r = bsr.block[0]
+        mr = _row_tile(r, self.lanes)
+        static = isinstance(m, tirx.IntImm)
+        key = (int(m) if static else None, k, n, bsr.block, bsr.data.shape[0], mr)
+        if not static or key not in self.kernels:
+            rows = int(m) if static else tirx.Var("m", "int64")
+            func = bsr_matmul_kernel(rows, k, n, bsr.block, bsr.data.shape[0], mr=mr)
+            self.kernels[key] = self.builder_.add_func(func, "bsr_matmul")
+        return self.kernels[key]
+
+    def _kernel_call(self, plan: _Plan, out_ty) -> relax.Expr:
+        x = self.visit_expr(plan.x)
+        n, k = plan.bsr.shape
+        lead = _static_shape(x.ty)[:-1]
+        if all(isinstance(d, tirx.IntImm) for d in lead):
+            m = tirx.IntImm("int64", int(np.prod([int(d) for d in lead])))
+        else:
+            m = lead[0]
+            for d in lead[1:]:
+                m = m * d
+        if len(lead) != 1:
+            x = self.builder_.emit(relax.op.reshape(x, [m, k]))
+        bias = plan.bias if plan.bias is not None else np.zeros(n, dtype=np.float32)
+        args = [x, relax.const(plan.bsr.data), relax.const(plan.bsr.indices),
+                relax.const(plan.bsr.indptr), relax.const(bias)]
+        call = relax.call_tir(self._kernel(m, k, n, plan.bsr), args,
+                              relax.TensorType([m, n], _FLOAT32))
+        if len(lead) == 1:
+            return call
+        y = self.builder_.emit(call)
+        return relax.op.reshape(y, _static_shape(out_ty))
+
+    def run(self, threshold: float, block: tuple[int, int]) -> tuple[tvm.IRModule, list]:
+        decisions = []
+        for gv, func in self.mod_.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            plans, folded, found = _find(func, threshold, block)
+            decisions += found
+            if not plans:
+                continue
+            self.plans, self.folded = plans, folded
+            self.builder_.update_func(gv, self.visit_expr(func))
+        return self.builder_.get(), decisions
+
+
+def _check(threshold, block) -> tuple[float, tuple[int, int]]:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0 <= threshold <= 1:
+        raise OptionError(f"threshold={threshold!r} is not a fraction in [0, 1].",
+                          "It is the block sparsity from which a weight is lowered to the BSR "
+                          f"kernel, e.g. threshold=0.5 (default {DEFAULT_THRESHOLD}).")
+    ok = (isinstance(block, Sequence) and len(block) == 2
+          and all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
+                  for b in block))
+    if not ok:
+        raise OptionError(f"block={block!r} is not a block shape.",
+                          "Pass two positive integers (rows along the output features, columns "
+                          f"along the reduction axis), e.g. block={DEFAULT_BLOCK}, the shape "
+                          "threshold_weights(block=...) zeroed.")
+    return float(threshold), (int(block[0]), int(block[1]))
+
+
+def _lanes(target: Target | None) -> int:
+    if target is None:
+        return 16
+    from .schedules import cpu_config
+    return cpu_config(target).lanes
+
+
+def plan_sparse(mod: tvm.IRModule, *, threshold: float = DEFAULT_THRESHOLD,
+                block: tuple[int, int] = DEFAULT_BLOCK) -> list[Decision]:
+    """What :func:`lower_sparse` would do with every matmul of ``mod`` that has a constant
+    weight, and why (the module is not changed)."""
+    threshold, block = _check(threshold, block)
+    out = []
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            out += _find(func, threshold, block)[2]
+    return out
+
+
+def lower_sparse(mod: tvm.IRModule, target: Target | None = None, *,
+                 threshold: float = DEFAULT_THRESHOLD,
+                 block: tuple[int, int] = DEFAULT_BLOCK) -> tvm.IRModule:
+    """Lower every ``matmul(x, W)`` of an imported Relax module whose constant weight ``W`` has
+    at least ``threshold`` of its ``block`` blocks all zero to the BSR kernel (with the bias add
+    that follows it, when there is one).
+
+    Math: y = x · Wᵀ + b computed as Σ over the non-zero blocks only.
+    Pre: ``mod`` as imported (before legalization); weights bound as constants. Only float32
+    matmuls whose weight splits into ``block`` blocks are candidates (:func:`plan_sparse` says
+    why each was or was not lowered). ``target``: a non-CPU target leaves ``mod`` unchanged;
+    a CPU target sets the register tile from its vector width.
+    Post: the lowered weights are gone from the module; in their place their non-zero blocks
+    (data, indices, indptr) and the bias are arguments of ``call_tir`` to ``bsr_matmul``
+    PrimFuncs, marked scheduled. Below the threshold the module is returned unchanged.
+    Numerics: the same sums as the dense matmul without the zero products (fp32 rounding).
+    """
+    threshold, block = _check(threshold, block)
+    if target is not None and target.kind.name != "llvm":
+        return mod
+    new, decisions = _Lower(mod, _lanes(target)).run(threshold, block)
+    if not any(d.lowered for d in decisions):
+        return mod
+    # the dense weights (and torch's permute_dims of them) are now unread
+    return relax.transform.DeadCodeElimination()(new)
+
+
+def sparse_report(mod: tvm.IRModule) -> dict[str, int]:
+    """``{BSR kernel name: number of call_tir to it}`` over the module's Relax functions."""
+    kernels = {gv: 0 for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs}
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir) and e.args[0] in kernels:
+            kernels[e.args[0]] += 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return {gv.name_hint: n for gv, n in kernels.items()}
+
+
+def sparse_hook(threshold: float = DEFAULT_THRESHOLD, block: tuple[int, int] = DEFAULT_BLOCK, *,
+                then: ScheduleHook | None = None) -> ScheduleHook:
+    """A schedule hook for ``slimc.compile(g, tune=sparse_hook(...))``: :func:`lower_sparse`,
+    then ``then`` (e.g. :func:`.schedules.apply_default_schedules` or a tuning database's hook)
+    on the result, which schedules the dense rest and leaves the BSR kernels as they are."""
+    threshold, block = _check(threshold, block)
+
+    def sparse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+        mod = lower_sparse(mod, target, threshold=threshold, block=block)
+        return then(mod, target) if then is not None else mod
+
+    name = f"sparse_hook(threshold={threshold}, block={block})"
+    if then is not None:
+        name += " + " + (getattr(then, "__qualname__", None) or repr(then))
+    sparse.__qualname__ = name
+    return sparse
