@@ -239,7 +239,7 @@ def test_matmul_add_near_miss_not_a_bias_fx():
     g = _fx(_MatMulAdd(bias_shape=(8, 32)), torch.randn(2, 8, 16))
     g2, stats = _fuse(g)
     assert stats["fired"] == {}
-    assert any("not" not in r and "(8, 32)" in r for r in _refusals(stats, "matmul_add"))
+    assert any("(8, 32)" in r for r in _refusals(stats, "matmul_add"))
     _assert_unchanged(g, g2)
 
 

@@ -18,6 +18,9 @@ Rules are listed, switched off and extended in a few lines::
     passes.fuse.run(g).stats["fired"]                 # {"layer_norm": 12, ...}
     for why in passes.fuse.explain(g, "layer_norm"):  # why (not) at each candidate node
         print(why)
+
+For TVM, compile with ``tune=slimc.codegen.fusion.fusion_hook(apply_default_schedules)``: it
+turns merge_qkv's Split into slices that TVM fuses into their readers (bench/fusion.py).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,6 +54,31 @@ class CNode:
 # Ops whose inputs can be swapped without changing the result (floating-point addition and
 # multiplication are commutative, though not associative).
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min"})
+
+
+class Host(Protocol):
+    """What a backend adapter offers the matcher, checks and function patterns (``fx.FxHost``,
+    ``onnx.OnnxHost``). Values are the backend's own (an ``fx.Node`` or literal, a graphsurgeon
+    tensor); compare them with :meth:`same`, never ``==``."""
+
+    backend: str  # "fx" | "onnx"
+
+    def nodes(self) -> list[CNode]: ...  # canonical nodes, topological order
+    def producer(self, v) -> CNode | None: ...  # None for inputs and constants
+    def consumers(self, v) -> list[CNode | None]: ...  # None: a reader with no canonical form
+    def users(self, v) -> list: ...  # native readers
+    def is_graph_output(self, v) -> bool: ...
+    def const(self, v) -> np.ndarray | None: ...  # the value of a constant, else None
+    def shape(self, v) -> tuple | None: ...  # ints, or str for a symbolic dimension
+    def dtype(self, v) -> np.dtype | None: ...
+    def opset(self, domain: str = "") -> int | None: ...  # ONNX only
+    def same(self, a, b) -> bool: ...
+    def describe(self, v) -> str: ...
+    def describe_node(self, native) -> str: ...
+    def alive(self, c: CNode) -> bool: ...
+    def check_plan(self, plan: Plan) -> str | None: ...  # why the backend cannot write it
+    def commit(self, plan: Plan, mapping: list, match: Match) -> None: ...
+    def finish(self): ...
 
 # -- patterns ----------------------------------------------------------------------------------
 
