@@ -310,3 +310,17 @@ def test_report_table_and_heatmap(tmp_path):
     import matplotlib.image
     assert matplotlib.image.imread(paths["heatmap"]).ndim == 3
     assert "heads.png" in paths["table"].read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,backend", [("bert", "fx"), ("bert", "dynamo"), ("llama", "fx"),
+                                          ("mha", "torchscript")])
+def test_pruned_graph_compiles_with_tvm(name, backend, tmp_path):
+    """The pruned model (smaller matmuls, rewritten shapes) goes through slimc.compile and the
+    compiled artifact computes what the pruned graph computes."""
+    from slimc import runtime
+    g = graph_of(name, backend)
+    heads = head_sets(g, seed=5)[0]
+    p = prune_heads(g, heads=heads)
+    m = runtime.load(slimc.compile(p, "x86").save(tmp_path / "art"))
+    assert _max_err(m(*g.sample_inputs()), p.run()) < 1e-4

@@ -50,6 +50,20 @@ def test_onnx_teacher_and_kl_loss(setup):
     assert r.last_stats["loss_last"] < r.last_stats["loss_first"]
 
 
+def test_frozen_parameters_stay(setup):
+    g, pruned, data, _ = setup
+    r = slimc.recover(pruned, teacher=g, data=data, steps=3, lr=1e-3,
+                      freeze=("embeddings", "attention"))
+    for name, w in pruned.weights().items():
+        same = np.array_equal(w, r.get_weight(name))
+        if "embeddings" in name or "attention" in name:
+            assert same, name
+        elif name.endswith("intermediate.dense.weight"):
+            assert not same, name
+    with pytest.raises(OptionError, match="leaves no parameter"):
+        slimc.recover(pruned, teacher=g, data=data, steps=1, freeze=("",))
+
+
 def test_zero_steps_is_a_copy(setup):
     g, pruned, data, _ = setup
     r = slimc.recover(pruned, teacher=g, data=data, steps=0)

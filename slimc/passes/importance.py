@@ -267,7 +267,7 @@ def _units(block, s: np.ndarray) -> list:
     one head from every group at once (the t-th least important of each group), so the groups
     stay equal and every key/value head stays."""
     if not block.gqa:
-        return [(float(s[h]), [h]) for h in np.argsort(s, kind="stable")]
+        return [(float(s[h]), [int(h)]) for h in np.argsort(s, kind="stable")]
     r = block.num_heads // block.num_kv_heads
     ranked = [sorted(range(g * r, (g + 1) * r), key=lambda h: (s[h], h))
               for g in range(block.num_kv_heads)]

@@ -66,9 +66,11 @@ def _distill_loss(s, t, loss: str, temperature: float):
 
 
 def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
-            loss: str = "mse", temperature: float = 1.0, seed: int = 0) -> Graph:
+            loss: str = "mse", temperature: float = 1.0, freeze=(), seed: int = 0) -> Graph:
     """Fine-tune ``pruned`` (an FX :class:`slimc.Graph` or ``torch.fx.GraphModule``) to match
     ``teacher``'s outputs on ``data`` for ``steps`` Adam steps (cycling through the batches).
+    Parameters whose name contains one of the ``freeze`` strings (e.g. ``("embeddings",)``)
+    stay as they are.
 
     Returns a new Graph (``history`` gains ``"recover"``; ``last_stats`` holds the first and last
     distillation loss and the per-step losses). Raises :class:`~slimc.errors.UnsupportedError`
@@ -102,7 +104,13 @@ def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
                for b in batches]
     result = student_in.copy()
     gm = result.native
-    params = [p for p in gm.parameters() if p.is_floating_point()]
+    if isinstance(freeze, str):
+        freeze = (freeze,)
+    params = [p for name, p in gm.named_parameters()
+              if p.is_floating_point() and not any(f in name for f in freeze)]
+    if not params:
+        raise OptionError(f"freeze={tuple(freeze)!r} leaves no parameter to train.",
+                          "Freeze fewer parameters.")
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=float(lr))
