@@ -1,0 +1,250 @@
+"""Block-sparse lowering (slimc.codegen.sparse): the BSR format, the TIR kernel against numpy, and
+whole models — a sparse-lowered build matches the dense build of the same thresholded model
+(FX and ONNX) within 1e-4, calls the kernel for every Linear, and is smaller on disk; below the
+threshold the module is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zoo import ZOO
+
+import slimc
+from slimc import passes, runtime
+from slimc.codegen import resolve_target, to_relax
+from slimc.codegen.schedules import apply_default_schedules
+from slimc.codegen.sparse import (
+    block_sparsity,
+    bsr_matmul_kernel,
+    lower_sparse,
+    plan_sparse,
+    sparse_hook,
+    sparse_report,
+    to_bsr,
+)
+from slimc.errors import OptionError
+
+ATOL = 1e-4
+BLOCK = (16, 1)
+LINEARS = 12  # tiny BERT: q, k, v, attention output, FFN in, FFN out × 2 layers
+
+
+def _sparse_weight(rng, n, k, block, sparsity):
+    r, c = block
+    keep = rng.random((n // r, k // c)) >= sparsity
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    return w * np.repeat(np.repeat(keep, r, 0), c, 1), 1.0 - keep.mean()
+
+
+# -- the format --------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(1, 1), (16, 1), (4, 4), (1, 8), (2, 3)]), st.integers(1, 4),
+       st.integers(1, 4), st.floats(0, 1), st.integers(0, 2**16))
+def test_bsr_round_trip(block, nb, kb, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    w, zero_blocks = _sparse_weight(rng, nb * block[0], kb * block[1], block, sparsity)
+    bsr = to_bsr(w, block)
+    np.testing.assert_array_equal(bsr.to_dense(), w)
+    assert bsr.data.shape[1:] == (block[1], block[0])
+    assert bsr.indptr[0] == 0 and np.all(np.diff(bsr.indptr) >= 0)
+    # a random dense block is never all zero, so block sparsity is exactly the dropped blocks
+    assert block_sparsity(w, block) == pytest.approx(zero_blocks)
+    assert bsr.density == pytest.approx(1 - zero_blocks)
+
+
+def test_all_zero_weight_keeps_one_unused_block():
+    bsr = to_bsr(np.zeros((32, 8), np.float32), BLOCK)
+    assert bsr.nnz_blocks == 0 and bsr.data.shape == (1, 1, 16)
+    np.testing.assert_array_equal(bsr.to_dense(), 0)
+
+
+def test_block_must_divide_the_weight():
+    with pytest.raises(OptionError, match="does not split into 16x1 blocks"):
+        to_bsr(np.ones((24, 8), np.float32), BLOCK)
+
+
+# -- the kernel --------------------------------------------------------------------------------
+def _run_kernel(func, x, bsr, bias):
+    tgt = resolve_target("x86")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+    y = np.zeros((x.shape[0], bsr.shape[0]), np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, bsr.data, bsr.indices, bsr.indptr, bias, y)]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize(("m", "block", "sparsity"), [
+    (16, (16, 1), 0.5),    # whole row tiles
+    (9, (32, 2), 0.7),     # a tile and a leftover row
+    (3, (4, 4), 0.5),      # only leftover rows; blocks narrower than a vector
+    (8, (1, 8), 0.9),
+    (5, (16, 1), 1.0),     # nothing stored: y = bias
+])
+def test_kernel_matches_numpy(m, block, sparsity):
+    rng = np.random.default_rng(0)
+    w, _ = _sparse_weight(rng, 64, 48, block, sparsity)
+    x = rng.standard_normal((m, 48)).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    bsr = to_bsr(w, block)
+    func = bsr_matmul_kernel(m, 48, 64, block, bsr.data.shape[0])
+    np.testing.assert_allclose(_run_kernel(func, x, bsr, bias), x @ w.T + bias, rtol=0,
+                               atol=ATOL)
+
+
+def test_kernel_with_a_dynamic_row_count():
+    rng = np.random.default_rng(1)
+    w, _ = _sparse_weight(rng, 32, 32, BLOCK, 0.5)
+    bsr = to_bsr(w, BLOCK)
+    bias = np.zeros(32, np.float32)
+    func = bsr_matmul_kernel(tvm.tirx.Var("m", "int64"), 32, 32, BLOCK, bsr.data.shape[0])
+    tgt = resolve_target("x86")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+    for m in (1, 8, 19):
+        x = rng.standard_normal((m, 32)).astype(np.float32)
+        args = [tvm.runtime.tensor(a) for a in (x, bsr.data, bsr.indices, bsr.indptr, bias,
+                                                 np.zeros((m, 32), np.float32))]
+        lib["main"](*args)
+        np.testing.assert_allclose(args[-1].numpy(), x @ w.T, rtol=0, atol=ATOL)
+
+
+# -- whole models ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bert():
+    """Tiny BERT, thresholded to 75 % zero (16, 1) blocks, as FX and as ONNX."""
+    module, inputs, _ = ZOO["bert"]()
+    g = passes.threshold_weights(slimc.capture(module, inputs), sparsity=0.75, block=BLOCK)
+    onnx_g = slimc.Graph("onnx", g.to_onnx(), history=[*g.history, "to_onnx"])
+    return {"fx": g, "onnx": onnx_g, "inputs": g.example_inputs, "reference": g.run(),
+            "relax": {"fx": to_relax(g)[0], "onnx": to_relax(onnx_g)[0]}}
+
+
+@pytest.fixture(scope="module")
+def builds(bert, tmp_path_factory):
+    """{(backend, "dense" | "sparse"): saved artifact directory}, each built once."""
+    cache = {}
+
+    def get(backend, kind):
+        if (backend, kind) not in cache:
+            hook = apply_default_schedules if kind == "dense" else \
+                sparse_hook(0.5, BLOCK, then=apply_default_schedules)
+            art = slimc.compile(bert[backend], "x86", tune=hook)
+            cache[backend, kind] = art.save(tmp_path_factory.mktemp(f"{backend}-{kind}"))
+        return cache[backend, kind]
+    return get
+
+
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_sparse_build_matches_dense_build(bert, builds, backend):
+    dense = runtime.load(builds(backend, "dense"))(*bert["inputs"])
+    sparse = runtime.load(builds(backend, "sparse"))(*bert["inputs"])
+    for d, s, ref in zip(dense, sparse, bert["reference"], strict=True):
+        assert np.abs(s - d).max() < ATOL
+        assert np.abs(s - ref).max() < ATOL  # and both are the thresholded torch model
+
+
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_every_linear_calls_the_kernel(bert, backend):
+    mod = bert["relax"][backend]
+    decisions = plan_sparse(mod, threshold=0.5, block=BLOCK)
+    assert len(decisions) == LINEARS
+    assert all(d.lowered and d.bias for d in decisions), decisions
+    assert all(d.block_sparsity == pytest.approx(0.75, abs=0.01) for d in decisions)
+    lowered = lower_sparse(mod, resolve_target("x86"), threshold=0.5, block=BLOCK)
+    assert sum(sparse_report(lowered).values()) == LINEARS
+    assert sparse_report(mod) == {}  # the input module is not changed
+    # the Linear matmuls are gone; what remains are the attention's activation products
+    matmuls = []
+    relax_ = tvm.relax
+    for _, f in lowered.functions_items():
+        if isinstance(f, relax_.Function):
+            relax_.analysis.post_order_visit(f, lambda e: matmuls.append(e) if isinstance(
+                e, relax_.Call) and getattr(e.op, "name", "") == "relax.matmul" else None)
+    assert len(matmuls) == 2 * 2  # q·kᵀ and p·v per layer
+
+
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_kernel_survives_the_default_schedules(bert, backend):
+    mod = bert["relax"][backend]
+    hook = sparse_hook(0.5, BLOCK, then=apply_default_schedules)
+    scheduled = hook(mod, resolve_target("x86"))
+    assert sum(sparse_report(scheduled).values()) == LINEARS
+
+
+def test_artifact_is_smaller(bert, builds):
+    dense = runtime.read_metadata(builds("fx", "dense"))["library_bytes"]
+    sparse = runtime.read_metadata(builds("fx", "sparse"))["library_bytes"]
+    # 3/4 of the Linear weights (fp32) are gone; the three small kernels cost a little code
+    linear_bytes = sum(w.nbytes for name, w in bert["fx"].weights().items() if w.ndim == 2
+                       and "embeddings" not in name)
+    assert dense - sparse > 0.5 * linear_bytes, (dense, sparse, linear_bytes)
+
+
+def test_below_the_threshold_nothing_changes(bert):
+    mod = bert["relax"]["fx"]
+    assert lower_sparse(mod, resolve_target("x86"), threshold=0.9, block=BLOCK) is mod
+    decisions = plan_sparse(mod, threshold=0.9, block=BLOCK)
+    assert not any(d.lowered for d in decisions)
+    assert all("< threshold 0.9" in d.reason for d in decisions)
+    # a block the zeros do not follow: (1, 16) blocks of a (16, 1)-block-sparse weight are
+    # almost never all zero
+    assert not any(d.lowered for d in plan_sparse(mod, threshold=0.5, block=(1, 16)))
+
+
+def test_dense_model_is_left_alone():
+    module, inputs, _ = ZOO["bert"]()
+    mod, _, _ = to_relax(slimc.capture(module, inputs))
+    assert lower_sparse(mod, resolve_target("x86"), threshold=0.01) is mod
+
+
+def test_other_targets_are_left_alone(bert):
+    mod = bert["relax"]["fx"]
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    assert lower_sparse(mod, cuda, threshold=0.5, block=BLOCK) is mod
+
+
+def test_blocks_that_do_not_divide_are_skipped(bert):
+    mod = bert["relax"]["fx"]
+    decisions = plan_sparse(mod, threshold=0.5, block=(48, 1))
+    assert decisions and not any(d.lowered for d in decisions)
+    assert all("does not split into 48x1 blocks" in d.reason for d in decisions)
+
+
+def test_dynamic_batch_onnx(tmp_path):
+    """Symbolic rows: an ONNX MLP exported with a dynamic batch keeps it in the library."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(),
+                              torch.nn.Linear(64, 32)).eval()
+    with contextlib.redirect_stdout(io.StringIO()):
+        prog = torch.onnx.export(mlp, (torch.randn(2, 32),), dynamo=True, input_names=["x"],
+                                 dynamic_shapes=({0: "batch"},))
+    prog.save(str(tmp_path / "mlp.onnx"))
+    g = passes.threshold_weights(slimc.load(tmp_path / "mlp.onnx"), sparsity=0.6, block=BLOCK)
+    mod, _, _ = to_relax(g)
+    assert sum(sparse_report(lower_sparse(mod, threshold=0.5, block=BLOCK)).values()) == 2
+    art = slimc.compile(g, "x86", tune=sparse_hook(0.5, BLOCK))
+    assert "batch" in art.metadata["inputs"][0]["shape"]
+    m = runtime.load(art.save(tmp_path / "art"))
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 32)).astype(np.float32)
+        assert np.abs(m(x)[0] - g.run(x)[0]).max() < ATOL  # g.run: onnxruntime
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"threshold": 1.5}, "threshold=1.5 is not a fraction"),
+    ({"threshold": -0.1}, "not a fraction"),
+    ({"threshold": True}, "not a fraction"),
+    ({"block": (16,)}, "is not a block shape"),
+    ({"block": (0, 4)}, "is not a block shape"),
+    ({"block": "16x1"}, "is not a block shape"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(OptionError, match=match):
+        sparse_hook(**kwargs)
