@@ -170,13 +170,16 @@ def _per_head(probs: np.ndarray, dims: list, block) -> np.ndarray:
 
 
 def _sdpa_probs(q, k, mask, node) -> np.ndarray:
+    """softmax(q kᵀ · scale + mask) as the SDPA node computes it (not materialised in the
+    graph)."""
     import torch
-    scale = node.kwargs.get("scale")
-    if scale is None and len(node.args) > 6:
-        scale = node.args[6]
+
+    from .prune_heads.fx import sdpa_args
+    args = sdpa_args(node)
+    scale = args.get("scale")
     if scale is None:
         scale = 1 / math.sqrt(q.shape[-1])
-    is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+    is_causal = bool(args.get("is_causal", False))
     if k.shape[-3] != q.shape[-3] and q.dim() >= 3:  # enable_gqa: repeat key heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
@@ -189,14 +192,14 @@ def _sdpa_probs(q, k, mask, node) -> np.ndarray:
 
 def attention_scores(graph, blocks: list, batches: list) -> dict:
     if graph.backend == "fx":
-        from .prune_heads.fx import head_dims, record
+        from .prune_heads.fx import head_dims, record, sdpa_args
         dims, _ = head_dims(graph.native, blocks)
         nodes = {n.name: n for n in graph.native.graph.nodes}
         want, where = set(), {}
         for b in blocks:
             if b.form == "sdpa":
                 node = nodes[b.nodes["sdpa"]]
-                mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+                mask = sdpa_args(node).get("attn_mask")
                 names = [a.name for a in node.args[:2]] + ([mask.name] if mask is not None
                                                           else [])
                 where[b.layer] = ("sdpa", names, node)

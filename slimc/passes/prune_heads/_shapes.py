@@ -290,7 +290,7 @@ def _select(op, ins, outs, ctx):
     ax = _axis(op.attrs["axis"], len(d))
     if is_tagged(d[ax]):
         raise HeadShapeError(op.name, "it selects a single index of a head axis")
-    return [[*d[:ax], *d[ax + 1:]]]
+    return [[*d[:ax], *d[ax + 1:]] for _ in outs]  # unbind: one output per index
 
 
 def _concat(op, ins, outs, ctx):

@@ -70,6 +70,17 @@ def _dim_arg(node, index: int, key: str, default: int = 0) -> int:
     return node.kwargs.get(key, default)
 
 
+def sdpa_args(node: torch.fx.Node) -> dict:
+    """The arguments of an SDPA node by schema name, whichever aten variant it is (the mask is
+    ``attn_mask`` or ``attn_bias``; unset ones are absent)."""
+    names = [a.name for a in node.target._schema.arguments]
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    if "attn_bias" in out:
+        out["attn_mask"] = out.pop("attn_bias")
+    return out
+
+
 def _translate(gm: torch.fx.GraphModule, o_nodes: dict) -> tuple[list, dict]:
     """ShapeOps and value shapes of every node, in graph order."""
     ops, shapes = [], {}
@@ -117,7 +128,7 @@ def _translate(gm: torch.fx.GraphModule, o_nodes: dict) -> tuple[list, dict]:
         elif t == aten.expand.default:
             ops.append(ShapeOp(name, "expand", [n.args[0].name], outs, attrs))
         elif t in _SDPA:
-            mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+            mask = sdpa_args(n).get("attn_mask")
             qkv = [a.name for a in n.args[:3]]
             ops.append(ShapeOp(name, "sdpa", qkv + [mask.name if isinstance(
                 mask, torch.fx.Node) else None], outs, attrs))
