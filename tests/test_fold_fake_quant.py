@@ -105,6 +105,21 @@ def test_single_linear_within_one_output_step(backend, cfg):
         assert (dev / step).max() < 0.1  # float rounding only: far below a step
 
 
+@pytest.mark.parametrize("cfg", ["static", "asym_entropy", "dynamic_asym"])
+def test_onnx_gemm_with_transposed_weight_folds(cfg):
+    """2-D inputs export as Gemm(x, W, b, transB=1): the int8 weight is transposed at fold
+    time, its per-row scales become per-column, the bias is added after the rescale."""
+    m = _Linear().eval()
+    x = _rand((6, 48), 0)
+    g = _onnx(m, (torch.from_numpy(x),))
+    assert g.op_histogram() == {"Gemm": 1}
+    q = passes.quantize.run(g, calib=[(x,)], **CONFIGS[cfg])
+    r = _fold(q.graph)
+    assert r.graph.op_histogram()["MatMulInteger"] == 1
+    step = _output_step(m, x, CONFIGS[cfg], q.stats["activations"])
+    assert np.all(np.abs(r.graph.run(x)[0] - q.graph.run(x)[0]) <= step)
+
+
 # -- whole models ----------------------------------------------------------------------------
 def _ids_calib(g: slimc.Graph) -> list[tuple]:
     return [g.example_inputs] + [tuple(np.random.default_rng(s).integers(0, 100, x.shape)
@@ -443,11 +458,72 @@ def test_pass_manager_reports_fold_within_a_step():
 
 
 def test_folded_onnx_compiles_with_tvm_and_matches(tmp_path):
+    """TVM's default pipeline imports MatMulInteger / QuantizeLinear as int32 matmuls."""
     m = _MLP().eval()
     x = _rand((2, 8, 32), 0)
     g = _onnx(m, (torch.from_numpy(x),))
-    for cfg in ("static", "dynamic_asym"):
-        f = passes.fold_fake_quant(passes.quantize(g, calib=[(x,)], **CONFIGS[cfg]))
-        slimc.compile(f, "x86").save(tmp_path / cfg)
-        got = slimc.runtime.load(tmp_path / cfg)(x)[0]
-        np.testing.assert_array_equal(got, f.run(x)[0])
+    f = passes.fold_fake_quant(passes.quantize(g, calib=[(x,)], symmetric=False))
+    slimc.compile(f, "x86").save(tmp_path / "int32")
+    np.testing.assert_array_equal(slimc.runtime.load(tmp_path / "int32")(x)[0], f.run(x)[0])
+
+
+# -- int8 code generation --------------------------------------------------------------------
+def _asm(executable) -> str:
+    def walk(m):
+        yield m
+        for i in m.imports:
+            yield from walk(i)
+    return "".join(m.inspect_source("asm") for m in walk(executable.mod) if m.kind == "llvm")
+
+
+@pytest.fixture(scope="module")
+def folded_mlp():
+    x = _rand((2, 8, 32), 0)
+    g = _onnx(_MLP().eval(), (torch.from_numpy(x),))
+    return x, {cfg: passes.fold_fake_quant(passes.quantize(g, calib=[(x,)], **CONFIGS[cfg]))
+               for cfg in ("static", "asym_entropy", "dynamic_asym")}
+
+
+def test_int8_build_for_a_vnni_cpu_uses_vpdpbusd(folded_mlp):
+    """Compiled for Cascade Lake (AVX512-VNNI) without running: every int8 matmul is a
+    ``vpdpbusd`` kernel; for Skylake (AVX2, no VNNI) the same graph builds without it."""
+    from slimc.codegen.int8 import int8_schedules
+    _, graphs = folded_mlp
+    vnni = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}
+    asm = _asm(slimc.compile(graphs["static"], vnni, tune=int8_schedules).executable)
+    assert "vpdpbusd" in asm
+    plain = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake"}
+    assert "vpdpbusd" not in _asm(slimc.compile(graphs["static"], plain,
+                                                tune=int8_schedules).executable)
+
+
+@pytest.mark.parametrize("cfg", ["static", "asym_entropy", "dynamic_asym"])
+def test_int8_build_on_this_cpu_matches_onnxruntime(folded_mlp, cfg, tmp_path):
+    """int8 (and uint8 − 128 shifted) codes, zero points on both sides, static and dynamic
+    scales: the VNNI build equals onnxruntime's MatMulInteger up to the float rescale."""
+    from slimc.codegen.int8 import int8_schedules
+    x, graphs = folded_mlp
+    f = graphs[cfg]
+    slimc.compile(f, "x86", tune=int8_schedules).save(tmp_path / cfg)
+    got = slimc.runtime.load(tmp_path / cfg)(x)[0]
+    want = f.run(x)[0]
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_vnni_kernel_is_exact_on_extreme_codes():
+    import tvm
+
+    from slimc.codegen.int8 import has_vnni, pack_weight, vnni_kernel
+    host = slimc.codegen.resolve_target("x86")
+    if not has_vnni(host):
+        pytest.skip(f"this CPU ({host}) has no AVX512-VNNI to run the kernel on")
+    m, k, n = 12, 64, 32
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    a[0], w[:, 0] = 255, -128  # the extremes: 255 · −128 · 64 stays exact in int32
+    lib = tvm.compile(tvm.IRModule({"main": vnni_kernel(m, k, n).with_attr(
+        "global_symbol", "main")}), target=host)
+    c = tvm.runtime.tensor(np.zeros((m, n), np.int32))
+    lib(tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(w)), c)
+    np.testing.assert_array_equal(c.numpy(), a.astype(np.int64) @ w.astype(np.int64))

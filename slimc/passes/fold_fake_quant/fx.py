@@ -385,6 +385,8 @@ def match_linear(gm, n: torch.fx.Node) -> _Linear | str:
     z = np.asarray(w.zero, np.int64).reshape(-1)
     if axis is None:
         s, z = s.reshape(()), z.reshape(())
+    if w.grid.dtype == "uint8":  # _int_mm takes int8: w − z = (w − 128) − (z − 128)
+        arg_codes, z = arg_codes - 128, z - 128
     bias = n.args[2] if n.target == aten.linear.default and len(n.args) > 2 else (
         n.args[0] if n.target == aten.addmm.default else None)
     return _Linear(n, x, w, arg_codes, z, s, bias)
