@@ -527,3 +527,28 @@ def test_vnni_kernel_is_exact_on_extreme_codes():
     c = tvm.runtime.tensor(np.zeros((m, n), np.int32))
     lib(tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(w)), c)
     np.testing.assert_array_equal(c.numpy(), a.astype(np.int64) @ w.astype(np.int64))
+
+
+def test_folded_fx_imports_into_tvm_with_the_int_mm_converter():
+    """FX int8 matmuls are aten._int_mm, which TVM's PyTorch frontend lacks: with
+    ``codegen.int8.TORCH_CONVERTERS`` they import as int8 × int8 → int32 matmuls and take the
+    VNNI kernels; the build equals torch."""
+    import tvm
+    import tvm.relax.frontend.torch as tvm_torch
+    from tvm import relax
+
+    from slimc.codegen.build import _TORCH_CONVERTERS
+    from slimc.codegen.int8 import TORCH_CONVERTERS, int8_schedules
+    x = _rand((2, 8, 32), 0)
+    g = slimc.capture(_MLP().eval(), (torch.from_numpy(x),))
+    target = slimc.codegen.resolve_target("x86")
+    for cfg in ("static", "dynamic_asym"):
+        f = passes.fold_fake_quant(passes.quantize(g, calib=[(x,)], **CONFIGS[cfg]))
+        mod = tvm_torch.from_exported_program(
+            f.to_exported_program(), custom_convert_map={**_TORCH_CONVERTERS,
+                                                         **TORCH_CONVERTERS})
+        vm = relax.VirtualMachine(tvm.compile(int8_schedules(mod, target), target=target),
+                                  tvm.cpu())
+        got = vm["main"](tvm.runtime.tensor(x))[0].numpy()
+        want = f.run(x)[0]
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()

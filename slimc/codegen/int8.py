@@ -158,7 +158,10 @@ class _VNNIRewriter(relax.PyExprMutator):
         return expr
 
     def _int32_of(self, expr):
-        """x if ``expr`` is astype(x, int32) of an 8-bit tensor."""
+        """x if ``expr`` is astype(x, int32) of an 8-bit tensor, or an 8-bit tensor itself
+        (``matmul(int8, int8, out_dtype=int32)``, what ``_int_mm`` imports as)."""
+        if _dtype(expr) in ("uint8", "int8"):
+            return expr
         e = self._value(expr)
         if _call(e, "relax.astype") and str(e.attrs.dtype) == "int32":
             return e.args[0]
@@ -238,6 +241,16 @@ class _VNNIRewriter(relax.PyExprMutator):
                                                       z))
         acc = bb.emit(acc)
         return bb.emit(relax.op.reshape(acc, [*xs[:-1], n]))
+
+
+def _int_mm(node, importer):
+    a, b = importer.env[node.args[0]], importer.env[node.args[1]]
+    return importer.block_builder.emit(relax.op.matmul(a, b, out_dtype="int32"))
+
+
+# converters for TVM's PyTorch frontend (``from_exported_program(custom_convert_map=...)``):
+# fold_fake_quant writes FX int8 matmuls as aten._int_mm (int8 × int8 → int32)
+TORCH_CONVERTERS = {"_int_mm.default": _int_mm}
 
 
 def use_vnni(mod: tvm.IRModule, target) -> tvm.IRModule:
