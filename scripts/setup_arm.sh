@@ -115,7 +115,8 @@ run "$VENV_PY" -m compileall -q -j 0 "$WORK/root/usr/lib/python$PYVER" "$SITE"
 
 cat >"$WORK/python" <<EOF
 #!/bin/sh
-# aarch64 CPython $PYVER with numpy and TVM's runtime, under qemu-user (made by scripts/setup_arm.sh)
+# aarch64 CPython $PYVER with numpy and TVM's runtime, under qemu-user
+# (made by scripts/setup_arm.sh)
 root="\$(cd "\$(dirname "\$0")" && pwd)/root"
 exec qemu-aarch64 -L "\$root" "\$root/usr/bin/python$PYVER" "\$@"
 EOF
@@ -124,9 +125,11 @@ rm -rf "$WORK/debs" "$WORK/wheels"
 echo "$STAMP_TEXT" >"$WORK/.complete"
 
 # check it before it replaces a working sysroot
-check=$("$WORK/python" -c 'import platform, numpy, tvm; print(platform.machine(), tvm.__version__)' \
-    2>>"$LOG") || { tail -n 20 "$LOG" >&2; die "the new sysroot's Python does not start"; }
-[ "$check" = "aarch64 $TVM_V" ] || die "the new sysroot's Python says '$check', expected 'aarch64 $TVM_V'"
+probe='import platform, numpy, tvm; print(platform.machine(), tvm.__version__)'
+check=$("$WORK/python" -c "$probe" 2>>"$LOG") \
+    || { tail -n 20 "$LOG" >&2; die "the new sysroot's Python does not start"; }
+[ "$check" = "aarch64 $TVM_V" ] \
+    || die "the new sysroot's Python says '$check', expected 'aarch64 $TVM_V'"
 rm -rf "$DEST.old"
 [ -e "$DEST" ] && mv "$DEST" "$DEST.old"
 mv "$WORK" "$DEST"

@@ -106,7 +106,7 @@ def on_aarch64(artifacts):
     proc = subprocess.run(
         [str(artifacts["python"]), "-c", _DRIVER, str(artifacts["arm"]), str(artifacts["x86"]),
          str(artifacts["inputs"]), str(outputs_npz)],
-        capture_output=True, text=True, env=env, timeout=600)
+        capture_output=True, text=True, env=env, timeout=600, check=False)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, f"the aarch64 run failed:\n{proc.stderr[-3000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,6 +22,8 @@ from tvm import relax
 from .. import __version__
 from ..errors import OptionError, ShapeError, SlimcError, UnsupportedError
 from ..ir import Graph, TensorSpec
+from .cuda import keep_source as keep_cuda_source
+from .cuda import precompile as precompile_cuda
 from .export import Artifact
 from .targets import device_kind, host_cpu, isa_features, resolve_target, target_triple
 
@@ -257,7 +259,8 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune=None,
     if hook is not None:
         mod = hook(mod, tgt)
     try:
-        executable = tvm.compile(mod, target=tgt, relax_pipeline="default")
+        with keep_cuda_source() if device == "cuda" else contextlib.nullcontext():
+            executable = tvm.compile(mod, target=tgt, relax_pipeline="default")
     except Exception as e:
         dynamic = sorted({d for s in inputs for d in s["shape"] if isinstance(d, str)})
         hint = (f"The model has symbolic dimensions {dynamic}; fixing them with "
@@ -265,6 +268,9 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune=None,
         raise UnsupportedError(f"TVM could not build the model for {tgt.kind.name}: "
                                f"{_last_line(e)}",
                                f"{hint}Otherwise report it with the model and target.") from e
+    # CUDA: check that every kernel runs on the GPU and compile the kernels here (nvcc), so the
+    # deployment machine needs no CUDA compiler (codegen/cuda.py)
+    device_code = precompile_cuda(executable, tgt) if device == "cuda" else None
     seconds = time.perf_counter() - start
     name = target if isinstance(target, str) else None
     metadata = {
@@ -282,4 +288,6 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune=None,
         "weights": "bound",
         "compile_seconds": round(seconds, 3),
     }
-    return Artifact(executable, metadata)
+    if device_code is not None:
+        metadata["cuda"] = device_code.summary()
+    return Artifact(executable, metadata, device_code=device_code)

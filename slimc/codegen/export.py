@@ -69,9 +69,12 @@ def _replace_dir(src: Path, dst: Path) -> None:
 class Artifact:
     """A compiled model: a TVM Relax VM executable and its metadata. ``save(dir)`` writes it."""
 
-    def __init__(self, executable, metadata: dict):
+    def __init__(self, executable, metadata: dict, device_code=None):
         self.executable = executable
         self.metadata = metadata
+        # CUDA builds: the kernels compiled ahead of time (codegen/cuda.py DeviceCode), packed
+        # into lib.so in place of their source
+        self.device_code = device_code
 
     @property
     def target(self) -> str:
@@ -101,7 +104,8 @@ class Artifact:
             tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
             lib = tmp / LIBRARY_FILE
             try:
-                self.executable.export_library(str(lib), fcompile=fcompile)
+                pack = self.device_code.pack_imports if self.device_code is not None else None
+                self.executable.export_library(str(lib), fcompile=fcompile, fpack_imports=pack)
             except Exception as e:
                 raise TargetError(f"Linking {LIBRARY_FILE} failed: {str(e).strip()[-400:]}",
                                   "Check the C++ compiler (pass cc=... to choose one).") from e

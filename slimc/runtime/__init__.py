@@ -41,9 +41,9 @@ def _tvm():
     if hide:
         sys.modules["torch"] = None  # the import system reads None as "not installed"
     try:
-        import tvm
         # the VM from tvm.runtime, not tvm.relax: a runtime-only TVM (libtvm_runtime alone, as
         # deployed on a board) has no tvm.relax
+        import tvm
         from tvm.runtime import vm  # noqa: F401
     finally:
         if hide and sys.modules.get("torch", 0) is None:
