@@ -141,10 +141,11 @@ def _row_tile(r: int, lanes: int) -> int:
     return max(1, min(8, 16 // vectors))
 
 
-def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], nnz: int, *,
+def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], *,
                       mr: int = 8) -> tirx.PrimFunc:
-    """The TIR kernel ``y (m, n) = x (m, k) · Wᵀ + bias`` for ``W`` in :class:`BSR` form with
-    ``nnz`` stored blocks. ``m`` is an int or a ``tirx.Var`` (int64) for a dynamic row count.
+    """The TIR kernel ``y (m, n) = x (m, k) · Wᵀ + bias`` for any ``W`` (n, k) in :class:`BSR`
+    form with ``block`` blocks. ``m`` is an int or a ``tirx.Var`` (int64) for a dynamic row
+    count; the number of stored blocks is symbolic, so one kernel serves every weight of a shape.
 
     Parameters, in order: x (m, k), data (nnz, c, r), indices (nnz,) int32, indptr
     (n / r + 1,) int32, bias (n,), y (m, n). Parallel over block rows; within a block row the
@@ -152,11 +153,12 @@ def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], nnz: int, *,
     """
     r, c = block
     nb = n // r
+    nnz = tirx.Var("nnz", "int64")
 
-    # A root block holding one opaque block: SplitLayoutRewritePreproc (the default schedules
-    # run it on every PrimFunc) requires that shape; TVMScript's well-formedness check is for
-    # block-free TIR, hence it is off. Rows of x: mr at a time, then the rest one at a time.
-    @T.prim_func(private=True, check_well_formed=False)
+    # s_tir: the schedulable TIR of legalized operators (buffers without a tirx layout, whose
+    # shape variables TVM's function-copying passes can rename), in a root block holding one
+    # opaque block, the shape SplitLayoutRewritePreproc (run by the default schedules) requires
+    @T.prim_func(private=True, s_tir=True)
     def bsr_matmul(x: T.Buffer((m, k), _FLOAT32), data: T.Buffer((nnz, c, r), _FLOAT32),
                    indices: T.Buffer((nnz,), "int32"), indptr: T.Buffer((nb + 1,), "int32"),
                    bias: T.Buffer((n,), _FLOAT32), y: T.Buffer((m, n), _FLOAT32)):
@@ -164,6 +166,10 @@ def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], nnz: int, *,
                      KERNEL_ATTR: f"{k}x{n} {r}x{c}"})
         with T.sblock("root"):  # noqa: SIM117 (two blocks, not two contexts)
             with T.sblock("bsr_matmul"):
+                # declared, not detected: detection would list the per-thread accumulator
+                T.reads(x[0:m, 0:k], data[0:nnz, 0:c, 0:r], indices[0:nnz], indptr[0:nb + 1],
+                        bias[0:n])
+                T.writes(y[0:m, 0:n])
                 for i in T.parallel(nb):
                     acc = T.alloc_buffer((mr, r), _FLOAT32, scope="local")
                     for mo in T.serial(m // mr):
@@ -355,10 +361,10 @@ class _Lower(relax.PyExprMutator):
         r = bsr.block[0]
         mr = _row_tile(r, self.lanes)
         static = isinstance(m, tirx.IntImm)
-        key = (int(m) if static else None, k, n, bsr.block, bsr.data.shape[0], mr)
+        key = (int(m) if static else None, k, n, bsr.block, mr)
         if not static or key not in self.kernels:
             rows = int(m) if static else tirx.Var("m", "int64")
-            func = bsr_matmul_kernel(rows, k, n, bsr.block, bsr.data.shape[0], mr=mr)
+            func = bsr_matmul_kernel(rows, k, n, bsr.block, mr=mr)
             self.kernels[key] = self.builder_.add_func(func, "bsr_matmul")
         return self.kernels[key]
 
