@@ -4,6 +4,7 @@ against fp32, and latency of the int8 builds against onnxruntime and torch, in o
     .venv/bin/python bench/quantization.py                 # all methods, latency b1 s128
     .venv/bin/python bench/quantization.py --no-accuracy   # latency only
     .venv/bin/python bench/quantization.py --no-tvm        # skip the TVM builds (minutes)
+    .venv/bin/python bench/quantization.py --model bert-base   # latency, BERT-base shape
 
 Accuracy: ``slimc.passes.quantize`` (calibration on ``lee_background.cor`` sentences) then
 ``fold_fake_quant``, run by onnxruntime; WordSim-353 Spearman and the polarity probe
@@ -239,6 +240,8 @@ def _torch(module, ids, mask):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="minilm", choices=["minilm", "bert-base"],
+                    help="bert-base: latency only, on a BERT-base-shaped random encoder")
     ap.add_argument("--seq", type=int, default=128, help="latency sequence length")
     ap.add_argument("--runs", type=int, default=30, help="timed latency rounds")
     ap.add_argument("--calib", type=int, default=64, help="calibration sentences")
@@ -255,6 +258,16 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}")
     tok, model = ev.load_minilm()
     encoder = ev.sentence_encoder(model)
+    if args.model == "bert-base":  # the standard speed workload; random weights, no accuracy
+        from transformers import BertConfig, BertModel
+        torch.manual_seed(0)
+        cfg = BertConfig(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                         intermediate_size=3072)
+        big = ev.sentence_encoder(BertModel._from_config(cfg, attn_implementation="sdpa"))
+        print("latency model: BERT-base shape (12 layers, hidden 768, 12 heads, FFN 3072), "
+              "random weights")
+        latency(big.eval(), tok, args)
+        return 0
     g = export_onnx(encoder, 16)
     calib = calibration(tok, args.calib, 64, 16)
     print(f"model: all-MiniLM-L6-v2 sentence encoder (ONNX, opset 17); calibration: "
