@@ -241,6 +241,30 @@ def test_pruned_fx_graph_reexports():
     assert _max_err(p.run(), out) <= TOL
 
 
+@pytest.mark.parametrize("name,heads", [("bert", {0: [1, 2], 1: [3]}),
+                                        pytest.param("llama", {0: [1, 5]}, marks=pytest.mark.slow),
+                                        pytest.param("gpt2", {1: [0]}, marks=pytest.mark.slow)])
+def test_dynamic_shape_onnx(name, heads):
+    """Batch and sequence symbolic: the exporter computes reshape targets at run time
+    (Shape → Concat); the pruned model is right at the export size and at another one."""
+    m, x = _perturbed(name)
+    b, s = torch.export.Dim("b", max=64), torch.export.Dim("s", max=64)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        model = torch.onnx.export(m, x, dynamo=True, dynamic_shapes=(({0: b, 1: s},),)
+                                  ).model_proto
+    g = slimc.Graph("onnx", model)
+    p = prune_heads(g, heads=heads)
+    ref = zeroed(g, heads)
+    for inputs in (g.sample_inputs(), g.sample_inputs(seed=1, dims={"b": 2, "s": 5})):
+        assert _max_err(ref.run(*inputs), p.run(*inputs)) <= TOL
+    assert [b_.num_heads for b_ in p.attention_blocks()] == \
+        [b_.num_heads - len(heads.get(b_.layer, [])) for b_ in g.attention_blocks()]
+    def dims(graph):
+        return [d.dim_param or d.dim_value for d in graph.onnx.graph.input[0].type.tensor_type
+                .shape.dim]
+    assert dims(p) == dims(g) and "s" in dims(g)  # still dynamic
+
+
 def test_native_objects_in_native_objects_out():
     g = graph_of("distilbert", "fx")
     gm = prune_heads(g.fx, heads={0: [1]})

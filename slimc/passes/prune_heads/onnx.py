@@ -30,8 +30,13 @@ def _node_names(model: onnx.ModelProto) -> dict:
     return {(n.name or f"{n.op_type}_{i}"): n for i, n in enumerate(model.graph.node)}
 
 
-def probe_shapes(model: onnx.ModelProto, inputs) -> dict:
-    """The concrete shape of every value on ``inputs`` (one onnxruntime run)."""
+def _small_ints(name: str, value: np.ndarray) -> bool:
+    return value.ndim <= 1 and value.size <= 16 and np.issubdtype(value.dtype, np.integer)
+
+
+def probe_shapes(model: onnx.ModelProto, inputs, keep=_small_ints) -> tuple[dict, dict]:
+    """The concrete shape of every value on ``inputs`` (one onnxruntime run), and the values
+    ``keep(name, array)`` selects (by default the small integer vectors: run-time shapes)."""
     from ...ir.capture import _ort_session
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -44,13 +49,17 @@ def probe_shapes(model: onnx.ModelProto, inputs) -> dict:
     sess = _ort_session(m)
     names = [i.name for i in sess.get_inputs()]
     feeds = {k: np.ascontiguousarray(x) for k, x in zip(names, inputs)}
-    values = sess.run(None, feeds)
-    shapes = {o.name: tuple(np.shape(v)) for o, v in zip(sess.get_outputs(), values)}
+    shapes, kept = {}, {}
+    for o, v in zip(sess.get_outputs(), sess.run(None, feeds)):
+        v = np.asarray(v)
+        shapes[o.name] = tuple(v.shape)
+        if keep(o.name, v):
+            kept[o.name] = v
     for k, x in feeds.items():
         shapes[k] = tuple(np.shape(x))
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
-    return shapes, dict(zip((o.name for o in sess.get_outputs()), values))
+    return shapes, kept
 
 
 def _const_value(model, consts, value):
@@ -210,38 +219,115 @@ def _slice_weights(model, editor: _Editor, plans, names: dict, consts: dict, bia
             editor.set_input(node, idx, new, f"{src}.pruned")
 
 
-def _shape_input(model, editor, consts, node, index: int, new: list, old_out, static: bool,
-                 keep_special: bool):
-    """Give ``node.input[index]`` (a 1-D int64 shape) the value ``new``; -1 and 0 entries of a
-    constant shape are kept (they infer / copy and stay right)."""
+def shape_provenance(model: onnx.ModelProto, consts: dict, values: dict) -> dict:
+    """Where each entry of each run-time shape vector comes from: ``"c"`` a constant, ``"a"``
+    a ``Shape`` of some tensor (it follows that tensor's size, pruned or not, by itself), ``"x"``
+    arithmetic mixing the two (slimc cannot rewrite it)."""
+    tags: dict = {}
+
+    def known(v):
+        return _const_value(model, consts, v) if v in consts else values.get(v)
+
+    def of(v):
+        if v in tags:
+            return tags[v]
+        if v in consts:
+            return ["c"] * max(1, int(np.size(_const_value(model, consts, v))))
+        return None
+
+    for n in model.graph.node:
+        if not n.output or n.output[0] not in values:
+            continue
+        out = n.output[0]
+        size = max(1, int(np.size(values[out])))
+        ins = [of(x) if x else None for x in n.input]
+        t = n.op_type
+        if t == "Shape":
+            tags[out] = ["a"] * size
+        elif t in ("Identity", "Cast", "Squeeze", "Unsqueeze", "Reshape", "Flatten") and ins \
+                and ins[0] is not None:
+            tags[out] = list(ins[0])
+        elif t == "Concat" and all(i is not None for i in ins):
+            tags[out] = [tag for i in ins for tag in i]
+        elif t in ("Gather", "Slice") and ins and ins[0] is not None \
+                and all(known(x) is not None for x in n.input[1:] if x):
+            # indices and bounds are fixed for a given rank, whatever the input sizes
+            src = np.arange(len(ins[0]))
+            args = [np.atleast_1d(known(x)) if x else None for x in n.input[1:5]]
+            if t == "Gather":
+                picked = np.take(src, known(n.input[1]))
+            else:
+                step = int(args[3][0]) if len(args) > 3 and args[3] is not None else 1
+                picked = src[slice(int(args[0][0]), int(args[1][0]), step)]
+            tags[out] = [ins[0][i] for i in np.atleast_1d(picked)]
+        elif all(i is not None and set(i) == {"c"} for i in ins):
+            tags[out] = ["c"] * size
+        else:
+            tags[out] = ["x"] * size
+    return tags
+
+
+def _shape_input(model, editor, consts, node, index: int, new: list, values: dict,
+                 special: set, provenance: dict):
+    """Make ``node.input[index]`` (a 1-D int64 shape) hold ``new`` where the head count
+    changed it. Entries in ``special`` stay: Reshape's -1 (infer) and 0 (copy), Expand's 1
+    (broadcast) come out right by themselves. A constant gets a new constant; a shape computed at run time (dynamic input
+    sizes) is scaled in place, ``shape * new // old`` per entry, which is exact because a
+    head-carrying size is a multiple of its old head count."""
     value = node.input[index]
-    if value in consts:
-        old = _const_value(model, consts, value)
-        arr = np.array([o if keep_special and o in (-1, 0) else n for o, n in zip(old, new)],
-                       dtype=np.int64)
-    elif static:
-        arr = np.array(new, dtype=np.int64)
-    else:
+    old = _const_value(model, consts, value) if value in consts else values.get(value)
+    if old is None:
         raise UnsupportedError(
-            f"Node {node.name or node.op_type} computes its target shape at run time from "
-            "dynamic input sizes; slimc cannot rewrite the head count inside it.",
-            "Export the model with static input shapes (no dynamic_axes).")
-    editor.set_input(node, index, arr, f"{node.name or node.op_type}.pruned_shape")
+            f"Node {node.name or node.op_type} reads a target shape slimc cannot evaluate.",
+            "Export the model with static input shapes.")
+    old = np.asarray(old, dtype=np.int64).reshape(-1)
+    want = np.array([o if int(o) in special else n for o, n in zip(old, new)], dtype=np.int64)
+    if np.array_equal(want, old):
+        return
+    if value in consts:
+        editor.set_input(node, index, want, f"{node.name or node.op_type}.pruned_shape")
+        return
+    tags = provenance.get(value, ["x"] * len(old))
+    change = [n != o and tag != "a" for o, n, tag in zip(old, want, tags)]
+    if any(c and tag == "x" for c, tag in zip(change, tags)):
+        raise UnsupportedError(
+            f"Node {node.name or node.op_type} computes its target shape {old.tolist()} at run "
+            "time with arithmetic on the head count; slimc cannot rewrite that.",
+            "Export the model with static input shapes, or with a constant head count in "
+            "its reshapes.")
+    if not any(change):
+        return  # every changed entry follows a pruned tensor's size by itself
+    num = np.array([n if c else 1 for n, c in zip(want, change)], dtype=np.int64)
+    den = np.array([o if c else 1 for o, c in zip(old, change)], dtype=np.int64)
+    base = f"{node.name or node.op_type}.pruned_shape"
+    num_name, den_name = editor.fresh(f"{base}_num"), editor.fresh(f"{base}_den")
+    mul_out, div_out = editor.fresh(f"{base}_mul"), editor.fresh(base)
+    model.graph.initializer.extend([numpy_helper.from_array(num, num_name),
+                                    numpy_helper.from_array(den, den_name)])
+    nodes = [helper.make_node("Mul", [value, num_name], [mul_out], name=mul_out),
+             helper.make_node("Div", [mul_out, den_name], [div_out], name=div_out)]
+    pos = next(i for i, n in enumerate(model.graph.node) if n.name == node.name)
+    for k, n in enumerate(nodes):
+        model.graph.node.insert(pos + k, n)
+    node = next(n for n in model.graph.node if n.name == node.name)
+    node.input[index] = div_out
 
 
-def _rewrite(model, editor, prop, shapes: dict, consts: dict, names: dict, static: bool):
-    for name, n in names.items():
+def _rewrite(model, editor, prop, shapes: dict, consts: dict, names: list, values: dict):
+    provenance = shape_provenance(model, consts, values)
+    for name in names:
+        n = next(x for x in model.graph.node if x.name == name)
         t = n.op_type
         outs = [o for o in n.output if o]
         if t in ("Reshape", "Expand") and prop.changed(outs[0]):
-            _shape_input(model, editor, consts, n, 1, list(prop.new_shape(outs[0])),
-                         shapes[outs[0]], static, keep_special=True)
+            special = {1} if t == "Expand" else {-1} if _attr(n, "allowzero", 0) else {-1, 0}
+            _shape_input(model, editor, consts, n, 1, list(prop.new_shape(outs[0])), values,
+                         special, provenance)
         elif t == "Split" and any(prop.changed(o) for o in outs):
             axis = _attr(n, "axis", 0) % len(shapes[n.input[0]])
             sizes = [prop.new_shape(o)[axis] for o in outs]
             if len(n.input) > 1 and n.input[1]:
-                _shape_input(model, editor, consts, n, 1, sizes, None, static,
-                             keep_special=False)
+                _shape_input(model, editor, consts, n, 1, sizes, values, set(), provenance)
             elif _attr(n, "split") is not None:
                 for a in n.attribute:
                     if a.name == "split":
@@ -326,13 +412,33 @@ def _drop_dead(model, before_values: set) -> None:
             del model.graph.initializer[i]
 
 
-def _refresh_value_info(model) -> None:
+def _refresh_value_info(model, prop) -> None:
+    """Keep the exporter's ``value_info`` (its symbolic dimensions are worth keeping: shape
+    inference cannot always recover them), with head-carrying sizes updated; drop entries of
+    values that are gone; then let shape inference fill in what is missing."""
+    alive = {o for n in model.graph.node for o in n.output}
+    keep = []
+    for vi in model.graph.value_info:
+        if vi.name not in alive:
+            continue
+        new = prop.new_shape(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if new is not None and len(dims) == len(new):
+            for d, size in zip(dims, new):
+                if d.HasField("dim_value"):
+                    d.dim_value = size
+        keep.append(vi)
+    kept = [onnx.ValueInfoProto() for _ in keep]
+    for k, vi in zip(kept, keep):
+        k.CopyFrom(vi)
     del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except (onnx.shape_inference.InferenceError, ValueError):
-        return  # value_info is optional; leaving it empty is valid ONNX
-    model.graph.value_info.extend(inferred.graph.value_info)
+        return  # value_info is optional
+    have = {vi.name for vi in model.graph.value_info}
+    model.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in have)
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -346,10 +452,8 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 def prune(model: onnx.ModelProto, plans: list, inputs) -> None:
     """Apply ``plans`` to ``model`` in place; ``inputs`` feed the shape probe."""
     _name_nodes(model)
-    shapes, _ = probe_shapes(model, inputs)
+    shapes, values = probe_shapes(model, inputs)
     _, before_values = _live(model)
-    static = all(d.HasField("dim_value") for vi in model.graph.input
-                 for d in vi.type.tensor_type.shape.dim)
     editor = _Editor(model)
     names = _node_names(model)
     for p in plans:
@@ -376,7 +480,7 @@ def prune(model: onnx.ModelProto, plans: list, inputs) -> None:
                                "Prune heads of other layers, or report the model "
                                "architecture.") from None
     _slice_weights(model, editor, live, names, consts, bias_sites)
-    _rewrite(model, editor, prop, shapes, consts, names, static)
+    _rewrite(model, editor, prop, shapes, consts, list(names), values)
     for out in model.graph.output:
         new = prop.new_shape(out.name)
         if new is not None:
@@ -384,7 +488,7 @@ def prune(model: onnx.ModelProto, plans: list, inputs) -> None:
                 if d.HasField("dim_value"):
                     d.dim_value = size
     _drop_dead(model, before_values)
-    _refresh_value_info(model)
+    _refresh_value_info(model, prop)
     _verify(model, inputs, prop)
 
 
@@ -439,8 +543,5 @@ def node_output(model: onnx.ModelProto, node: str) -> str:
 
 def record(model: onnx.ModelProto, values: set, batches) -> list:
     """For each batch, {value: array} of the named values (onnxruntime)."""
-    out = []
-    for batch in batches:
-        _, vals = probe_shapes(model, batch)
-        out.append({k: v for k, v in vals.items() if k in values})
-    return out
+    return [probe_shapes(model, batch, keep=lambda name, _: name in values)[1]
+            for batch in batches]
