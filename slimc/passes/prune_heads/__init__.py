@@ -69,15 +69,21 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
     head's rows and columns removes exactly its term. ``s = 1/sqrt(d)`` does not depend on the
     head count and stays.
 
-    Pre: the graph's attention blocks are discoverable (``graph.attention_blocks()``), shapes are
-    static. Under grouped-query attention (H query heads, Hkv key/value heads, groups of
-    R = H/Hkv), every kept group must keep the same number of query heads (``repeat_kv`` maps
-    query head j to key/value head j // R'); removing all R query heads of a group removes its
-    key/value head. Uneven removals are refused with :class:`~slimc.errors.UnsupportedError`.
+    Pre: the graph's attention blocks are discoverable (``graph.attention_blocks()``); FX graphs
+    have static shapes (ONNX models may have symbolic batch / sequence sizes); every node that
+    reads a head-carrying tensor is one the shape rules know (reshapes, permutes, broadcasting
+    ops, matmuls, SDPA, split/slice/concat off the head axis, repeat_kv's expand); anything
+    else is refused with :class:`~slimc.errors.UnsupportedError` naming the node. Under
+    grouped-query attention (H query heads, Hkv key/value heads, groups of R = H/Hkv), every
+    kept group must keep the same number of query heads (``repeat_kv`` maps query head j to
+    key/value head j // R'); removing all R query heads of a group removes its key/value head.
+    Uneven removals are refused with :class:`~slimc.errors.UnsupportedError`.
 
-    Post: ``attention_blocks()`` reports the new head counts; the parameter count drops by the
-    removed rows and columns; every other weight and node is unchanged; FX ``meta["val"]`` and
-    ONNX ``value_info`` hold the new shapes.
+    Post: ``attention_blocks()`` reports the new head counts; the parameter count drops by
+    exactly the removed rows and columns (an emptied layer also loses what only fed it, e.g.
+    GPT-2's ln_1); other weights keep their values (an ONNX initializer that other nodes share
+    is copied, never edited); code left dead is dropped; FX ``meta["val"]`` and ONNX
+    ``value_info`` hold the new shapes.
 
     Numerics: removing head h equals zeroing its value rows and value bias in the original
     model, to float rounding (1e-5); no head removed is the identity.
