@@ -7,6 +7,9 @@ finds ``matmul(x, W)`` with ``W`` a constant (ONNX ``MatMul`` with an initialize
 it, measures the block sparsity of ``W`` and, where it reaches ``threshold``, replaces the matmul
 (and the bias add) by a ``call_tir`` to a block-sparse-row (BSR) kernel written here in TIR. The
 module then holds only the non-zero blocks, so the library on disk shrinks with the sparsity.
+Dense stays where sparse would be slower: the default ``threshold="auto"`` is the block
+sparsity from which :func:`crossover` expects the kernel to beat the dense default schedules
+for the block shape (measured; about 18 % for 16x1 blocks, 90 % for 1x8).
 
 Blocks are ``(r, c)`` of the canonical weight matrix ``W`` (rows = output features, columns =
 the reduction axis), the convention of ``threshold_weights(block=...)``. The kernel::
@@ -51,11 +54,7 @@ from .build import ScheduleHook
 
 KERNEL_ATTR = "slimc.bsr"   # on every BSR PrimFunc: "K×N r×c" (see :func:`sparse_report`)
 DEFAULT_BLOCK = (16, 1)
-# Lower a weight whose fraction of all-zero blocks is at least this. bench/sparsity.py measures
-# the crossover: on the Zen 4 this was written on, the BSR kernel runs at about the dense
-# kernel's FLOP rate, so it pays from low sparsity on; the margin covers per-block overhead
-# (index loads, short rows) and machines where the dense kernel is relatively faster.
-DEFAULT_THRESHOLD = 0.3
+DEFAULT_THRESHOLD = "auto"   # see :func:`crossover`
 # relax OpPatternKind.kOpaque: FuseOps must not fuse a neighbour into the hand-written kernel
 _OPAQUE = 8
 _FLOAT32 = "float32"
@@ -200,6 +199,26 @@ def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], *,
     return bsr_matmul
 
 
+# -- when sparse pays ------------------------------------------------------------------------
+def crossover(block: tuple[int, int], lanes: int) -> float:
+    """The block sparsity from which the BSR kernel is expected to beat the dense kernel of the
+    default schedules, for ``block`` on a CPU with ``lanes`` fp32 vector lanes.
+
+    Model: sparse time / dense time = penalty × (1 − sparsity), lowered when that is at most
+    0.9 (a 10 % margin for timing noise and for the kernel's per-block overhead, which grows as
+    the rows thin out). The penalty is the kernel's slowdown on a fully dense weight; it comes
+    from how many of a vector's lanes a block's ``r`` output features fill. Measured on Zen 4
+    (16 lanes; 768x768, 768x3072 and 3072x768 weights, 128 rows; sparse at 0 % / dense):
+    r=1 8.7-12.3, r=2 4.3-5.2, r=4 2.2-2.7, r=8 1.3-1.6, r=16 1.0-1.2, r=32 0.9-0.95, which
+    penalty = max(0.55 · lanes / r + 0.35, 1.1 if r < 2 · lanes else 1.0) follows. So 32x1
+    blocks pay from 10 % zero blocks, 16x1 from 18 %, 8x1 from 38 %, 4x4 from 65 %, 1x8 from 90 %.
+    The column count c hardly matters (16x4 measured as 16x1).
+    """
+    r = block[0]
+    penalty = max(0.55 * lanes / r + 0.35, 1.1 if r < 2 * lanes else 1.0)
+    return max(0.0, 1.0 - 0.9 / penalty)
+
+
 # -- finding the matmuls ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Decision:
@@ -280,7 +299,7 @@ def _bias(add: relax.Call, mm_var, n: int, var2val) -> np.ndarray | None:
     return c.reshape(n)
 
 
-def _find(func: relax.Function, threshold: float, block: tuple[int, int]
+def _find(func: relax.Function, threshold: float, block: tuple[int, int], label: str = ""
           ) -> tuple[dict, set, list[Decision]]:
     """(plans by result variable, matmul variables folded into a bias add, decisions)."""
     var2val = relax.analysis.get_var2val(func)
@@ -320,7 +339,7 @@ def _find(func: relax.Function, threshold: float, block: tuple[int, int]
             continue
         s = block_sparsity(w, block)
         if s < threshold:
-            decide(False, f"block sparsity {s:.3f} < threshold {threshold}", s)
+            decide(False, f"block sparsity {s:.3f} < threshold {threshold:.2f}{label}", s)
             continue
         bias, at = None, var
         readers = adds.get(var, [])
@@ -330,7 +349,8 @@ def _find(func: relax.Function, threshold: float, block: tuple[int, int]
                 at = readers[0][0]
                 folded.add(var)
         plans[at] = _Plan(x, to_bsr(w, block), bias)
-        decide(True, f"block sparsity {s:.3f} >= threshold {threshold}", s, bias is not None)
+        decide(True, f"block sparsity {s:.3f} >= threshold {threshold:.2f}{label}", s,
+               bias is not None)
     return plans, folded, decisions
 
 
@@ -390,12 +410,13 @@ class _Lower(relax.PyExprMutator):
         y = self.builder_.emit(call)
         return relax.op.reshape(y, _static_shape(out_ty))
 
-    def run(self, threshold: float, block: tuple[int, int]) -> tuple[tvm.IRModule, list]:
+    def run(self, threshold: float, block: tuple[int, int], label: str
+            ) -> tuple[tvm.IRModule, list]:
         decisions = []
         for gv, func in self.mod_.functions_items():
             if not isinstance(func, relax.Function):
                 continue
-            plans, folded, found = _find(func, threshold, block)
+            plans, folded, found = _find(func, threshold, block, label)
             decisions += found
             if not plans:
                 continue
@@ -404,13 +425,15 @@ class _Lower(relax.PyExprMutator):
         return self.builder_.get(), decisions
 
 
-def _check(threshold, block) -> tuple[float, tuple[int, int]]:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not 0 <= threshold <= 1:
-        raise OptionError(f"threshold={threshold!r} is not a fraction in [0, 1].",
+def _check(threshold, block) -> tuple[float | str, tuple[int, int]]:
+    if threshold != "auto" and (isinstance(threshold, bool)
+                                or not isinstance(threshold, (int, float))
+                                or not 0 <= threshold <= 1):
+        raise OptionError(f"threshold={threshold!r} is neither 'auto' nor a fraction in [0, 1].",
                           "It is the block sparsity from which a weight is lowered to the BSR "
-                          f"kernel, e.g. threshold=0.5 (default {DEFAULT_THRESHOLD}).")
-    ok = (isinstance(block, Sequence) and len(block) == 2
+                          "kernel: 'auto' (the default) estimates where sparse beats dense for "
+                          "the block shape; a number such as 0.5 sets it.")
+    ok = (isinstance(block, Sequence) and not isinstance(block, str) and len(block) == 2
           and all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
                   for b in block))
     if not ok:
@@ -418,7 +441,8 @@ def _check(threshold, block) -> tuple[float, tuple[int, int]]:
                           "Pass two positive integers (rows along the output features, columns "
                           f"along the reduction axis), e.g. block={DEFAULT_BLOCK}, the shape "
                           "threshold_weights(block=...) zeroed.")
-    return float(threshold), (int(block[0]), int(block[1]))
+    threshold = threshold if threshold == "auto" else float(threshold)
+    return threshold, (int(block[0]), int(block[1]))
 
 
 def _lanes(target: Target | None) -> int:
@@ -428,20 +452,30 @@ def _lanes(target: Target | None) -> int:
     return cpu_config(target).lanes
 
 
-def plan_sparse(mod: tvm.IRModule, *, threshold: float = DEFAULT_THRESHOLD,
+def _resolve(threshold, block, target) -> tuple[float, str]:
+    """(threshold, how it was chosen, for the decisions' reasons)."""
+    threshold, block = _check(threshold, block)
+    if threshold != "auto":
+        return threshold, ""
+    lanes = _lanes(target)
+    return crossover(block, lanes), f" (auto: {block[0]}x{block[1]} blocks, {lanes} lanes)"
+
+
+def plan_sparse(mod: tvm.IRModule, target: Target | None = None, *,
+                threshold: float | str = DEFAULT_THRESHOLD,
                 block: tuple[int, int] = DEFAULT_BLOCK) -> list[Decision]:
     """What :func:`lower_sparse` would do with every matmul of ``mod`` that has a constant
     weight, and why (the module is not changed)."""
-    threshold, block = _check(threshold, block)
+    value, label = _resolve(threshold, block, target)
     out = []
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            out += _find(func, threshold, block)[2]
+            out += _find(func, value, _check(threshold, block)[1], label)[2]
     return out
 
 
 def lower_sparse(mod: tvm.IRModule, target: Target | None = None, *,
-                 threshold: float = DEFAULT_THRESHOLD,
+                 threshold: float | str = DEFAULT_THRESHOLD,
                  block: tuple[int, int] = DEFAULT_BLOCK) -> tvm.IRModule:
     """Lower every ``matmul(x, W)`` of an imported Relax module whose constant weight ``W`` has
     at least ``threshold`` of its ``block`` blocks all zero to the BSR kernel (with the bias add
@@ -450,17 +484,20 @@ def lower_sparse(mod: tvm.IRModule, target: Target | None = None, *,
     Math: y = x · Wᵀ + b computed as Σ over the non-zero blocks only.
     Pre: ``mod`` as imported (before legalization); weights bound as constants. Only float32
     matmuls whose weight splits into ``block`` blocks are candidates (:func:`plan_sparse` says
-    why each was or was not lowered). ``target``: a non-CPU target leaves ``mod`` unchanged;
-    a CPU target sets the register tile from its vector width.
+    why each was or was not lowered). ``threshold="auto"``: :func:`crossover` for the block and
+    the target's vector width (16 lanes without a target). A non-CPU ``target`` leaves ``mod``
+    unchanged.
     Post: the lowered weights are gone from the module; in their place their non-zero blocks
     (data, indices, indptr) and the bias are arguments of ``call_tir`` to ``bsr_matmul``
-    PrimFuncs, marked scheduled. Below the threshold the module is returned unchanged.
+    PrimFuncs (one per weight shape), marked scheduled. Below the threshold the module is
+    returned unchanged.
     Numerics: the same sums as the dense matmul without the zero products (fp32 rounding).
     """
-    threshold, block = _check(threshold, block)
+    value, label = _resolve(threshold, block, target)
+    block = _check(threshold, block)[1]
     if target is not None and target.kind.name != "llvm":
         return mod
-    new, decisions = _Lower(mod, _lanes(target)).run(threshold, block)
+    new, decisions = _Lower(mod, _lanes(target)).run(value, block, label)
     if not any(d.lowered for d in decisions):
         return mod
     # the dense weights (and torch's permute_dims of them) are now unread
@@ -483,7 +520,8 @@ def sparse_report(mod: tvm.IRModule) -> dict[str, int]:
     return {gv.name_hint: n for gv, n in kernels.items()}
 
 
-def sparse_hook(threshold: float = DEFAULT_THRESHOLD, block: tuple[int, int] = DEFAULT_BLOCK, *,
+def sparse_hook(threshold: float | str = DEFAULT_THRESHOLD,
+                block: tuple[int, int] = DEFAULT_BLOCK, *,
                 then: ScheduleHook | None = None) -> ScheduleHook:
     """A schedule hook for ``slimc.compile(g, tune=sparse_hook(...))``: :func:`lower_sparse`,
     then ``then`` (e.g. :func:`.schedules.apply_default_schedules` or a tuning database's hook)
@@ -494,7 +532,7 @@ def sparse_hook(threshold: float = DEFAULT_THRESHOLD, block: tuple[int, int] = D
         mod = lower_sparse(mod, target, threshold=threshold, block=block)
         return then(mod, target) if then is not None else mod
 
-    name = f"sparse_hook(threshold={threshold}, block={block})"
+    name = f"sparse_hook(threshold={threshold!r}, block={block})"
     if then is not None:
         name += " + " + (getattr(then, "__qualname__", None) or repr(then))
     sparse.__qualname__ = name
