@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--untuned-runs", type=int, default=1)
     ap.add_argument("--tune-trials", type=int, default=None)
     ap.add_argument("--tune-seconds", type=float, default=None)
-    ap.add_argument("--db", default=None, help="tuning database directory (reused if present)")
+    ap.add_argument("--db", default=None, help="tuning database directory: tuned into with "
+                    "--tune-trials/--tune-seconds, else only used")
     ap.add_argument("--no-torch-compile", action="store_true")
     args = ap.parse_args(argv)
 
@@ -172,21 +173,19 @@ def main(argv=None) -> int:
         notes["tvm default schedules"] = f"compile {secs:.0f} s"
 
         if args.tune_trials or args.tune_seconds or args.db:
-            from slimc.codegen.tune import database_hook, tune
-
-            from slimc.codegen.build import to_relax
-            from slimc.codegen.targets import resolve_target
+            from slimc.codegen.tune import count_records, database_hook, tune_graph
             db = args.db or str(Path(tmp) / "db")
-            mod, _, _ = to_relax(graph)
-            start = time.perf_counter()
-            summary = tune(mod, resolve_target("x86"), trials=args.tune_trials,
-                           seconds=args.tune_seconds, db=db)
-            tune_secs = time.perf_counter() - start
+            note = ""
+            if args.tune_trials or args.tune_seconds:
+                start = time.perf_counter()
+                summary = tune_graph(graph, "x86", trials=args.tune_trials,
+                                     seconds=args.tune_seconds, db=db)
+                print(summary.table())
+                note = (f"tuning {time.perf_counter() - start:.0f} s, {summary.trials} new "
+                        "trials; ")
             run, secs = tvm_variant(graph, inputs, database_hook(db))
             variants["tvm tuned"] = run
-            notes["tvm tuned"] = (f"tuning {tune_secs:.0f} s, {summary.trials} new trials, "
-                                  f"{summary.tasks_tuned}/{summary.tasks} tasks; compile "
-                                  f"{secs:.0f} s")
+            notes["tvm tuned"] = f"{note}{count_records(db)} records; compile {secs:.0f} s"
 
         untuned = None
         if args.untuned_runs > 0:

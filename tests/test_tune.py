@@ -357,6 +357,29 @@ def test_a_killed_tune_keeps_its_records_and_resumes(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_batch_and_the_next_tune_continues(tmp_path):
+    import os
+    import signal
+    import threading
+    mod, args, want = _small_model()
+    db = tmp_path / "db"
+
+    def press_ctrl_c():
+        while count_records(db) < 1:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    stopped = tune(mod, TARGET, trials=200, db=db, progress=False)
+    assert stopped.interrupted and 1 <= stopped.trials < 200
+    assert stopped.unfinished == 1          # the task is not marked done: it resumes
+    resumed = tune(mod, TARGET, trials=stopped.trials + 2, db=db, progress=False)
+    assert not resumed.interrupted and resumed.trials == 2
+    np.testing.assert_allclose(_run(apply_database(mod, TARGET, db), *args), want,
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_a_database_for_another_target_is_refused(tmp_path):
     mod, _, _ = _small_model()
     db = tmp_path / "db"

@@ -34,12 +34,15 @@ worker process, kept between batches), or any ``runner`` passed in (an RPC runne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -234,12 +237,27 @@ class TuneSummary:
     trials: int                         # candidates measured in this call
     records: int                        # successful records in the database afterwards
     seconds: float
-    interrupted: bool = False
+    interrupted: bool = False           # stopped by Ctrl-C
+    unfinished: int = 0                 # tasks left when the time budget ran out
     estimated_ms: float | None = None   # Σ weight × best kernel time, over tuned tasks
     per_task: list[TaskStatus] = field(default_factory=list)
 
+    def table(self) -> str:
+        """A text report: one row per task (most expensive first), then the totals."""
+        rows = [f"{'task':44s} {'x':>3s} {'MFLOP':>9s} {'trials':>7s} {'best ms':>9s}"]
+        for t in sorted(self.per_task, key=lambda t: -t.cost):
+            best = "-" if t.best_ms is None else f"{t.best_ms:.4f}"
+            rows.append(f"{t.name[:44]:44s} {t.weight:3d} {t.flops / 1e6:9.2f} {t.trials:7d} "
+                        f"{best:>9s}")
+        est = "-" if self.estimated_ms is None else f"{self.estimated_ms:.2f} ms"
+        rows.append(f"{self.tasks} tasks: {self.tuned} tuned now, {self.skipped} already tuned; "
+                    f"{self.trials} trials in {_fmt_time(self.seconds)}; {self.records} records; "
+                    f"kernels ≈ {est}" + ("; interrupted" if self.interrupted else "")
+                    + (f"; {self.unfinished} tasks left (time budget)" if self.unfinished else ""))
+        return "\n".join(rows)
 
-def _task_key(task, target: Target) -> str:
+
+def _task_key(task) -> str:
     return f"{tvm_ffi.structural_hash(task.dispatched[0]) & (2**64 - 1):016x}"
 
 
@@ -314,7 +332,7 @@ class _Progress:
         best = "-" if status.best_ms is None else f"{status.best_ms:.3f} ms"
         line = (f"tune [{done}/{len(self.statuses)} done] task {index + 1} {status.name[:40]} "
                 f"x{status.weight}: {status.trials}/{status.budget if status.budget < 10**6 else '∞'}"
-                f" trials, best {best} | model ≈ "
+                f" trials, best {best} | kernels ≈ "
                 f"{'-' if est is None else f'{est:.1f} ms'} | {_fmt_time(elapsed)} elapsed, ETA "
                 f"{'?' if math.isnan(eta) else _fmt_time(eta)}")
         if self.tty:
@@ -358,6 +376,28 @@ class _Recorder(ms.measure_callback.PyMeasureCallback):
 
 
 # -- tuning ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stop_on_ctrl_c(stop: threading.Event, progress: bool):
+    """First Ctrl-C: finish the batch being measured, save, stop (a KeyboardInterrupt raised
+    inside TVM's C++ loop would surface as a bare RuntimeError). Second Ctrl-C: stop now."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if progress:
+            sys.stderr.write("\ntune: stopping after this batch (Ctrl-C again to stop now)\n")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _tune_context(task, target: Target, seed: int | None, integer: bool,
                   evolve: bool) -> ms.TuneContext:
     """A TuneContext built without its constructor's ``import tvm.s_tir.tensor_intrin`` (all
@@ -409,7 +449,6 @@ def _seed_with_default(task, target: Target, builder, runner, database) -> float
 def _has_integer_kernels(tasks) -> bool:
     """True when a task multiplies int8/uint8 data in a reduction: the only kernels whose search
     space uses tensor intrinsics (VNNI, AMX, dot-product) on CPU."""
-    from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
     for task in tasks:
         sch = s_tir.Schedule(task.dispatched[0])
@@ -422,7 +461,7 @@ def _has_integer_kernels(tasks) -> bool:
     return False
 
 
-def _default_runner(cores: int):
+def _default_runner():
     # a measurement that yields a few hundred ms of samples; fresh caches are not simulated
     config = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50,
                                        enable_cpu_cache_flush=False)
@@ -436,14 +475,15 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
     directory ``db``. See the module docstring for budgets, reuse and interrupts.
 
     ``runner``: a MetaSchedule runner (default: a local one); ``seed`` makes the search
-    repeatable. Returns a :class:`TuneSummary`. Ctrl-C stops after saving progress and re-raises
-    ``KeyboardInterrupt``.
+    repeatable. Returns a :class:`TuneSummary`. Ctrl-C stops at the end of the batch being
+    measured and returns (``interrupted=True``); a second Ctrl-C raises ``KeyboardInterrupt`` at
+    once. Either way the records and progress so far are on disk.
     """
     target = target if isinstance(target, Target) else Target(target)
     if target.kind.name != "llvm":
         raise OptionError(f"slimc tunes CPU (llvm) targets; {target.kind.name} is not one.",
                           "CUDA builds use DLight's default schedules (no tuning needed to run).")
-    if trials is not None and trials < 0 or seconds is not None and seconds <= 0:
+    if trials is not None and trials < 1 or seconds is not None and seconds <= 0:
         raise OptionError(f"A tuning budget must be positive (trials={trials}, "
                           f"seconds={seconds}).", "Pass trials=N and/or seconds=S.")
     start = time.monotonic()
@@ -460,7 +500,7 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
 
     statuses, keys = [], []
     for task in tasks:
-        key = _task_key(task, target)
+        key = _task_key(task)
         saved = state["tasks"].get(key, {})
         flops = float(s_tir.analysis.estimate_tir_flops(task.dispatched[0]))
         statuses.append(TaskStatus(task.task_name, int(task.weight), flops,
@@ -472,8 +512,9 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
     previous_budget = [s.budget for s in statuses]
     _budgets(statuses, trials, seconds)
     for s, old in zip(statuses, previous_budget):
-        # a task is finished when it had its budget; a larger budget reopens it
-        s.done = s.trials >= s.budget or (s.done and trials is None and old >= s.budget)
+        # a task is finished when it had its budget (or its search ran out of candidates);
+        # a larger budget reopens it
+        s.done = s.trials >= s.budget or (s.done and s.budget <= old)
 
     order = sorted(range(len(tasks)), key=lambda i: -statuses[i].cost)
     todo = [i for i in order if not statuses[i].done]
@@ -490,66 +531,77 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
 
     builder = InProcessBuilder()
     cores = max(1, int(target.attrs.get("num-cores", os.cpu_count() or 1)))
-    runner = runner or _default_runner(cores)
+    runner = runner or _default_runner()
     try:
         import xgboost  # noqa: F401
         cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores)
     except ImportError:  # without xgboost the search samples at random (slower to converge)
         cost_model = ms.cost_model.CostModel.create("random")
     clock = bar.start = time.monotonic()   # the time budget is for measuring, not the setup
+    stop = threading.Event()
     try:
-        for position, i in enumerate(todo):
-            s = statuses[i]
-            remaining_cost = sum(statuses[j].cost for j in todo[position:])
-            deadline = None
-            if seconds is not None:
-                left = seconds - (time.monotonic() - clock)
-                if left <= 0:
+        with _stop_on_ctrl_c(stop, progress):
+            for position, i in enumerate(todo):
+                if stop.is_set():
                     break
-                deadline = time.monotonic() + left * s.cost / remaining_cost
-            want = s.budget - s.trials
-            todo_trials = sum(statuses[j].budget - statuses[j].trials for j in todo[position:])
+                s = statuses[i]
+                remaining_cost = sum(statuses[j].cost for j in todo[position:])
+                deadline = None
+                if seconds is not None:
+                    left = seconds - (time.monotonic() - clock)
+                    if left <= 0:
+                        break
+                    deadline = time.monotonic() + left * s.cost / remaining_cost
+                want = s.budget - s.trials
+                todo_trials = sum(statuses[j].budget - statuses[j].trials for j in todo[position:])
 
-            def on_batch(n: int, times: list[float], i=i, s=s, deadline=deadline,
-                         todo_trials=todo_trials) -> bool:
-                s.trials += n
-                summary.trials += n
-                bar.trials_run += n
-                good = [t for t in times if t < _FAILED]
-                if good:
-                    best = min(good) * 1e3
-                    s.best_ms = best if s.best_ms is None else min(s.best_ms, best)
-                save(i)
-                bar.update(i, s, todo_trials - (summary.trials))
-                return deadline is not None and time.monotonic() >= deadline
-
-            bar.update(i, s, todo_trials - summary.trials)
-            if s.trials == 0:
-                default = _seed_with_default(tasks[i], target, builder, runner, defaults)
-                if on_batch(1, [float("inf") if default is None else default]) or want <= 1:
-                    s.done = True
+                def on_batch(n: int, times: list[float], i=i, s=s, deadline=deadline,
+                             todo_trials=todo_trials) -> bool:
+                    s.trials += n
+                    summary.trials += n
+                    bar.trials_run += n
+                    good = [t for t in times if t < _FAILED]
+                    if good:
+                        best = min(good) * 1e3
+                        s.best_ms = best if s.best_ms is None else min(s.best_ms, best)
                     save(i)
-                    summary.tuned += 1
-                    continue
-                want -= 1
-            evolve = want >= _EVOLVE_MIN_TRIALS and (
-                deadline is None or deadline - time.monotonic() >= _EVOLVE_MIN_SECONDS)
-            callbacks = [ms.measure_callback.AddToDatabase(),
-                         ms.measure_callback.RemoveBuildArtifact(), _Recorder(on_batch)]
-            if evolve:
-                callbacks.insert(2, ms.measure_callback.UpdateCostModel())
-            ms.tune.tune_tasks(
-                tasks=[_tune_context(tasks[i], target, seed, integer, evolve)],
-                task_weights=[float(s.weight)], work_dir=str(path), max_trials_global=want,
-                max_trials_per_task=want, num_trials_per_iter=min(_BATCH, want),
-                builder=builder, runner=runner, database=database, cost_model=cost_model,
-                measure_callbacks=callbacks, task_scheduler="round-robin")
-            # a search that runs out of new candidates ends early: that task is done too
-            s.done = True
-            save(i)
-            summary.tuned += 1
+                    bar.update(i, s, todo_trials - (summary.trials))
+                    return stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
+                bar.update(i, s, todo_trials - summary.trials)
+                if s.trials == 0:
+                    default = _seed_with_default(tasks[i], target, builder, runner, defaults)
+                    if on_batch(1, [float("inf") if default is None else default]) or want <= 1:
+                        s.done = not stop.is_set()
+                        save(i)
+                        summary.tuned += 1
+                        continue
+                    want -= 1
+                evolve = want >= _EVOLVE_MIN_TRIALS and (
+                    deadline is None or deadline - time.monotonic() >= _EVOLVE_MIN_SECONDS)
+                callbacks = [ms.measure_callback.AddToDatabase(),
+                             ms.measure_callback.RemoveBuildArtifact(), _Recorder(on_batch)]
+                if evolve:
+                    callbacks.insert(2, ms.measure_callback.UpdateCostModel())
+                ms.tune.tune_tasks(
+                    tasks=[_tune_context(tasks[i], target, seed, integer, evolve)],
+                    task_weights=[float(s.weight)], work_dir=str(path), max_trials_global=want,
+                    max_trials_per_task=want, num_trials_per_iter=min(_BATCH, want),
+                    builder=builder, runner=runner, database=database, cost_model=cost_model,
+                    measure_callbacks=callbacks, task_scheduler="round-robin")
+                # a search that runs out of new candidates ends early: that task is done too;
+                # one stopped by Ctrl-C is not (the next tune continues it)
+                s.done = not stop.is_set()
+                save(i)
+                summary.tuned += 1
     except KeyboardInterrupt:
         summary.interrupted = True
+        raise
+    except RuntimeError:
+        # a second Ctrl-C inside TVM's C++ loop arrives as a bare RuntimeError
+        if stop.is_set():
+            summary.interrupted = True
+            raise KeyboardInterrupt from None
         raise
     finally:
         bar.close()
@@ -557,9 +609,21 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
         summary.seconds = time.monotonic() - start
         summary.records = count_records(path)
         summary.estimated_ms = estimated_ms(statuses)
-    if seconds is not None:
-        summary.interrupted = summary.interrupted or any(not s.done for s in statuses)
+    summary.interrupted = stop.is_set()
+    summary.unfinished = sum(not s.done for s in statuses)
     return summary
+
+
+def tune_graph(graph, target="x86", *, db, trials: int | None = None,
+               seconds: float | None = None, input_shapes: dict | None = None,
+               target_options: dict | None = None, progress: bool = True) -> TuneSummary:
+    """:func:`tune` for a :class:`slimc.Graph` (or ONNX ModelProto) and a slimc target name, as
+    ``slimc.compile`` takes them: what ``slimc tune`` runs."""
+    from .build import to_relax
+    from .targets import resolve_target
+    tgt = resolve_target(target, **(target_options or {}))
+    mod, _, _ = to_relax(graph, input_shapes)
+    return tune(mod, tgt, db=db, trials=trials, seconds=seconds, progress=progress)
 
 
 # -- applying a database ---------------------------------------------------------------------
