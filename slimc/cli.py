@@ -105,9 +105,26 @@ def cmd_compile(args) -> int:
     from .codegen import compile as slimc_compile
     g = _load_model(args.model)
     print(f"slimc: compiling {args.model} for {args.target} ...", file=sys.stderr)
-    art = slimc_compile(g, target=args.target, input_shapes=_parse_shapes(args.input_shape) or None)
+    art = slimc_compile(g, target=args.target, input_shapes=_parse_shapes(args.input_shape) or None,
+                        tune=None if args.no_schedules else "default", db=args.db)
     art.save(args.output)
     print(f"slimc: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .codegen.tune import summary_json, tune_graph
+    if args.trials is None and args.seconds is None:
+        raise OptionError("slimc tune needs a budget.", "Pass --trials N and/or --seconds S.")
+    g = _load_model(args.model)
+    summary = tune_graph(g, args.target, db=args.db, trials=args.trials, seconds=args.seconds,
+                         input_shapes=_parse_shapes(args.input_shape) or None,
+                         progress=not args.quiet)
+    print(json.dumps(summary_json(summary), indent=2) if args.json else summary.table())
+    if summary.interrupted:
+        print(f"slimc: interrupted; the records so far are in {args.db} (run again to resume)",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -317,7 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="artifact directory to write")
     s.add_argument("--input-shape", action="append", metavar="NAME=1x128",
                    help="static shape for an input with symbolic dimensions (repeatable)")
+    s.add_argument("--db", metavar="DIR", help="tuning database written by `slimc tune`")
+    s.add_argument("--no-schedules", action="store_true",
+                   help="TVM's stock pipeline without slimc's default CPU schedules (slow)")
     s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("tune", help="auto-tune kernels with MetaSchedule into a records database")
+    s.add_argument("model", help="model file (.onnx or .pt2)")
+    s.add_argument("--target", default="x86", help="x86 (this CPU) or a TVM CPU target")
+    s.add_argument("--db", required=True, metavar="DIR",
+                   help="records database (created, or extended and resumed)")
+    s.add_argument("--trials", type=int, help="trial budget for the whole model")
+    s.add_argument("--seconds", type=float, help="time budget in seconds")
+    s.add_argument("--input-shape", action="append", metavar="NAME=1x128")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="summary as JSON")
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("optimize", help="run compression / fusion passes and write the model")
     s.add_argument("model", help="model file (.onnx or .pt2)")

@@ -25,6 +25,7 @@ from ..ir import Graph, TensorSpec
 from .cuda import keep_source as keep_cuda_source
 from .cuda import precompile as precompile_cuda
 from .export import Artifact
+from .int8 import TORCH_CONVERTERS as INT8_TORCH_CONVERTERS
 from .targets import device_kind, host_cpu, isa_features, resolve_target, target_triple
 
 ScheduleHook = Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]
@@ -45,7 +46,8 @@ def _torch_cumsum(node, importer):
     return importer.block_builder.emit(relax.op.cumsum(x, dim, dtype))
 
 
-_TORCH_CONVERTERS = {"cumsum.default": _torch_cumsum}
+# aten._int_mm comes from fold_fake_quant's integer matmuls on FX graphs
+_TORCH_CONVERTERS = {"cumsum.default": _torch_cumsum, **INT8_TORCH_CONVERTERS}
 
 
 def _last_line(e: Exception) -> str:
@@ -217,21 +219,34 @@ def to_relax(graph, input_shapes: dict | None = None) -> tuple[tvm.IRModule, lis
 
 
 # -- schedules and build ---------------------------------------------------------------------
-def schedule_hook(tune) -> ScheduleHook | None:
-    """What ``compile(..., tune=...)`` runs between import and lowering.
+def schedule_hook(tune, db=None) -> ScheduleHook | None:
+    """What ``compile(..., tune=..., db=...)`` runs between import and lowering.
 
-    ``None``: nothing; TVM's default pipeline for the target (on CUDA it applies DLight's
-    default GPU schedules, on CPU it leaves loops to LLVM). A callable ``(mod, target) -> mod``
-    is run as given: this is where a tuning database (``codegen/tune.py``) or default CPU
-    schedules plug in, as a Relax module → Relax module step.
+    ``tune="default"`` (the default): slimc's default CPU schedules
+    (:func:`.schedules.apply_default_schedules`: tiled, vectorised, parallel matmuls with packed
+    weights, vectorised fast math) on CPU targets; on CUDA, TVM's default pipeline with DLight's
+    GPU schedules. With ``db`` (a tuning database from ``slimc tune``), its records are applied
+    and the default schedules fill the gaps. ``tune=None``: TVM's stock pipeline with no
+    schedules (slow on CPU: for comparison only). A callable ``(mod, target) -> mod`` is run as
+    given (e.g. ``slimc.codegen.int8.int8_schedules``).
     """
+    if db is not None:
+        if tune not in ("default", None):
+            raise OptionError("db= and a custom tune= hook are alternatives.",
+                              "Pass db= alone (its records plus default schedules), or wrap "
+                              "slimc.codegen.tune.apply_database in your hook.")
+        from .tune import database_hook
+        return database_hook(db)
+    if tune == "default":
+        from .schedules import apply_default_schedules
+        return apply_default_schedules
     if tune is None:
         return None
     if callable(tune):
         return tune
-    raise OptionError(f"tune={tune!r} is not a schedule hook.",
-                      "Pass None (default schedules) or a callable (mod, target) -> mod, "
-                      "such as one from slimc.codegen.tune.")
+    raise OptionError(f"tune={tune!r} is not a schedule choice.",
+                      "Pass 'default', None (TVM's stock pipeline) or a callable "
+                      "(mod, target) -> mod.")
 
 
 def _describe(hook) -> str | None:
@@ -240,19 +255,20 @@ def _describe(hook) -> str | None:
     return getattr(hook, "__qualname__", None) or repr(hook)
 
 
-def compile(graph, target="x86", *, input_shapes: dict | None = None, tune=None,
-            target_options: dict | None = None) -> Artifact:
+def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="default",
+            db=None, target_options: dict | None = None) -> Artifact:
     """Compile ``graph`` (a :class:`slimc.Graph`) for ``target`` into an :class:`Artifact`.
 
     ``target``: ``"x86"`` (this CPU), ``"arm"``, ``"cuda"`` or a TVM target (see
     :func:`slimc.codegen.targets.resolve_target`; ``target_options`` go to it).
     ``input_shapes``: ``{input name: shape}`` for inputs with symbolic dimensions (ONNX models
     exported with dynamic axes); dimensions left symbolic stay dynamic in the library.
-    ``tune``: a schedule hook, see :func:`schedule_hook`.
+    ``tune`` / ``db``: schedules, see :func:`schedule_hook` (default: slimc's default CPU
+    schedules; ``db``: a tuning database directory written by ``slimc tune``).
     """
     tgt = resolve_target(target, **(target_options or {}))
     device = device_kind(tgt)
-    hook = schedule_hook(tune)
+    hook = schedule_hook(tune, db)
     graph = _as_graph(graph)
     start = time.perf_counter()
     mod, inputs, outputs = to_relax(graph, input_shapes)
