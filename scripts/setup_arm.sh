@@ -10,7 +10,8 @@
 #                       the tests call qemu-aarch64 -L ROOT explicitly)
 #   sysroot DIR/root:   Debian arm64 packages (CPython, glibc, libstdc++, ...) unpacked with
 #                       dpkg -x, plus the aarch64 wheels of numpy, apache-tvm-ffi and apache-tvm
-#                       at the versions .venv has, unzipped into dist-packages. libtvm_compiler
+#                       at the versions .venv has (and cloudpickle + psutil, which TVM's RPC
+#                       server needs), unzipped into dist-packages. libtvm_compiler
 #                       is left out: a deployed slimc artifact needs libtvm_runtime only, and
 #                       loading the compiler's 240 MB under qemu costs seconds per process.
 #   DIR/python:         `DIR/python ARGS` runs the aarch64 CPython under qemu (a sys.executable
@@ -30,17 +31,20 @@ die() { log "$*"; exit 1; }
 numpy and TVM versions from it)."
 
 # -- what the sysroot holds: the stamp changes (and the sysroot is rebuilt) when any of it does
-read -r PYVER TVM_V FFI_V NUMPY_V TE_V < <("$VENV_PY" - <<'EOF'
+read -r PYVER TVM_V FFI_V NUMPY_V TE_V CP_V PS_V < <("$VENV_PY" - <<'EOF'
 import sys
 from importlib.metadata import version
 print(f"{sys.version_info[0]}.{sys.version_info[1]}", version("apache-tvm"),
-      version("apache-tvm-ffi"), version("numpy"), version("typing_extensions"))
+      version("apache-tvm-ffi"), version("numpy"), version("typing_extensions"),
+      version("cloudpickle"), version("psutil"))
 EOF
 )
 DEBS="python${PYVER}-minimal libpython${PYVER}-minimal libpython${PYVER}-stdlib libc6 libstdc++6
 libgcc-s1 zlib1g libexpat1 libffi8 libbz2-1.0 liblzma5 libuuid1 libcrypt1"
-WHEELS="apache-tvm==$TVM_V apache-tvm-ffi==$FFI_V numpy==$NUMPY_V typing_extensions==$TE_V"
-STAMP_TEXT="format 1; python $PYVER; debs $(echo $DEBS); wheels $WHEELS"
+# cloudpickle and psutil: TVM's RPC server (an aarch64 device for remote tuning, codegen/rpc.py)
+WHEELS="apache-tvm==$TVM_V apache-tvm-ffi==$FFI_V numpy==$NUMPY_V typing_extensions==$TE_V
+cloudpickle==$CP_V psutil==$PS_V"
+STAMP_TEXT="format 1; python $PYVER; debs $(echo $DEBS); wheels $(echo $WHEELS)"
 
 have_tools() { command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null; }
 

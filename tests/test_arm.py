@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from arm_qemu import REPO, aarch64_python
 from zoo import ZOO
 
 import slimc
 from slimc import runtime
 
 ATOL = 1e-4
-REPO = Path(__file__).resolve().parents[1]
-SYSROOT = Path(os.environ.get("SLIMC_ARM_SYSROOT", REPO / ".cache" / "arm-sysroot"))
 EM_AARCH64 = 183  # ELF e_machine of aarch64
 
 # Runs on the aarch64 side: load the ARM artifact, run it, benchmark it briefly, try to load the
@@ -65,26 +62,10 @@ print(json.dumps({
 """
 
 
-def _aarch64_python() -> Path:
-    """The qemu wrapper of the sysroot's aarch64 CPython; fails saying how to get it."""
-    python = SYSROOT / "python"
-    missing = [what for what, ok in [
-        ("qemu-aarch64 (Debian: qemu-user)", shutil.which("qemu-aarch64")),
-        ("aarch64-linux-gnu-g++ (Debian: g++-aarch64-linux-gnu)",
-         shutil.which("aarch64-linux-gnu-g++")),
-        (f"the aarch64 sysroot {SYSROOT}", python.is_file() and (SYSROOT / ".complete").is_file()),
-    ] if not ok]
-    if missing:
-        pytest.fail("The ARM tests need " + ", ".join(missing) + ". Install them with "
-                    "scripts/setup_arm.sh (./setup.sh --test runs it; CI installs them).",
-                    pytrace=False)
-    return python
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """The zoo's tiny BERT compiled for "arm" and "x86", saved; its inputs; torch's outputs."""
-    python = _aarch64_python()  # fail before spending a compile on a machine without qemu
+    python = aarch64_python()  # fail before spending a compile on a machine without qemu
     module, inputs, _ = ZOO["bert"]()
     g = slimc.capture(module, inputs)
     out = tmp_path_factory.mktemp("arm")
