@@ -66,6 +66,7 @@ def test_two_servers_tune_in_parallel(cluster, tmp_path):
     np.testing.assert_allclose(out, np.maximum(x @ w, 0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # an emulated Python starting twice (server, worker): ~25 s here
 def test_aarch64_server_under_qemu_tunes_arm(cluster, tmp_path):
     (server,) = cluster.add_server("arm", python=aarch64_python(), env={"CXX": CROSS_CXX})
     runner = rpc_runner(cluster.tracker, "arm")
