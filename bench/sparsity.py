@@ -153,8 +153,9 @@ def main(argv=None) -> int:
 
     import tvm
 
-    from slimc.codegen.schedules import apply_default_schedules
-    from slimc.codegen.sparse import sparse_hook
+    from slimc.codegen.schedules import apply_default_schedules, cpu_config
+    from slimc.codegen.sparse import crossover, sparse_hook
+    from slimc.codegen.targets import resolve_target
 
     threads = torch.get_num_threads()
     print(f"CPU: {cpu_name()}")
@@ -207,6 +208,9 @@ def main(argv=None) -> int:
               f"{_mb(dense_size):>9s} {_mb(size):>9s} {_mb(onnx_size):>8s} {err:9.1e}")
     faster = [s for s, t, *_ in rows if t["sparse"] < t["dense"]]
     print(f"\nsparse beats dense TVM at: {', '.join(f'{s:.0%}' for s in faster) or 'no level'}")
+    auto = crossover(args.block, cpu_config(resolve_target("x86")).lanes)
+    print(f"threshold='auto' (the default) lowers {args.block[0]}x{args.block[1]} blocks from "
+          f"{auto:.0%} block sparsity on this CPU")
     print(f"{args.rounds} interleaved rounds per level (medians); max |err|: sparse TVM and "
           "onnxruntime against the thresholded torch model.")
     return 0

@@ -134,8 +134,7 @@ def builds(bert, tmp_path_factory):
 
     def get(backend, kind):
         if (backend, kind) not in cache:
-            hook = apply_default_schedules if kind == "dense" else \
-                sparse_hook(0.5, BLOCK, then=apply_default_schedules)
+            hook = apply_default_schedules if kind == "dense" else sparse_hook(0.5, BLOCK)
             art = slimc.compile(bert[backend], "x86", tune=hook)
             cache[backend, kind] = art.save(tmp_path_factory.mktemp(f"{backend}-{kind}"))
         return cache[backend, kind]
@@ -143,12 +142,18 @@ def builds(bert, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["fx", "onnx"])
-def test_sparse_build_matches_dense_build(bert, builds, backend):
-    dense = runtime.load(builds(backend, "dense"))(*bert["inputs"])
+def test_sparse_build_matches_dense_model(bert, builds, backend):
+    """Against the dense thresholded model: torch (both backends), onnxruntime (ONNX) and the
+    dense TVM build (FX; built once, it is also the size baseline)."""
     sparse = runtime.load(builds(backend, "sparse"))(*bert["inputs"])
-    for d, s, ref in zip(dense, sparse, bert["reference"], strict=True):
-        assert np.abs(s - d).max() < ATOL
-        assert np.abs(s - ref).max() < ATOL  # and both are the thresholded torch model
+    references = [bert["reference"]]
+    if backend == "onnx":
+        references.append(bert["onnx"].run(*bert["inputs"]))
+    else:
+        references.append(runtime.load(builds("fx", "dense"))(*bert["inputs"]))
+    for reference in references:
+        for s, ref in zip(sparse, reference, strict=True):
+            assert s.shape == ref.shape and np.abs(s - ref).max() < ATOL
 
 
 @pytest.mark.parametrize("backend", ["fx", "onnx"])
@@ -176,7 +181,8 @@ def test_every_linear_calls_the_kernel(bert, backend):
 @pytest.mark.parametrize("backend", ["fx", "onnx"])
 def test_kernel_survives_the_default_schedules(bert, backend):
     mod = bert["relax"][backend]
-    hook = sparse_hook(0.5, BLOCK, then=apply_default_schedules)
+    hook = sparse_hook(0.5, BLOCK)  # then the default schedules
+    assert "apply_default_schedules" in hook.__qualname__
     scheduled = hook(mod, resolve_target("x86"))
     assert sum(sparse_report(scheduled).values()) == LINEARS
 
@@ -246,7 +252,7 @@ def test_dynamic_batch_onnx(tmp_path):
     g = passes.threshold_weights(slimc.load(tmp_path / "mlp.onnx"), sparsity=0.6, block=BLOCK)
     mod, _, _ = to_relax(g)
     assert sum(sparse_report(lower_sparse(mod, threshold=0.5, block=BLOCK)).values()) == 2
-    art = slimc.compile(g, "x86", tune=sparse_hook(0.5, BLOCK, then=apply_default_schedules))
+    art = slimc.compile(g, "x86", tune=sparse_hook(0.5, BLOCK))
     assert "batch" in art.metadata["inputs"][0]["shape"]
     m = runtime.load(art.save(tmp_path / "art"))
     for batch in (1, 5):
@@ -262,6 +268,7 @@ def test_dynamic_batch_onnx(tmp_path):
     ({"block": (16,)}, "is not a block shape"),
     ({"block": (0, 4)}, "is not a block shape"),
     ({"block": "16x1"}, "is not a block shape"),
+    ({"then": "tuned"}, "is not a schedule hook"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(OptionError, match=match):

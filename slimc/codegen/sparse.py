@@ -522,11 +522,19 @@ def sparse_report(mod: tvm.IRModule) -> dict[str, int]:
 
 def sparse_hook(threshold: float | str = DEFAULT_THRESHOLD,
                 block: tuple[int, int] = DEFAULT_BLOCK, *,
-                then: ScheduleHook | None = None) -> ScheduleHook:
+                then: ScheduleHook | str | None = "default") -> ScheduleHook:
     """A schedule hook for ``slimc.compile(g, tune=sparse_hook(...))``: :func:`lower_sparse`,
-    then ``then`` (e.g. :func:`.schedules.apply_default_schedules` or a tuning database's hook)
-    on the result, which schedules the dense rest and leaves the BSR kernels as they are."""
+    then ``then`` on the result, which schedules the dense rest and leaves the BSR kernels as
+    they are. ``then="default"``: :func:`.schedules.apply_default_schedules`; a callable
+    ``(mod, target) -> mod`` such as a tuning database's hook; ``None``: nothing (TVM's stock
+    pipeline for the rest, for comparison only)."""
     threshold, block = _check(threshold, block)
+    if then == "default":
+        from .schedules import apply_default_schedules
+        then = apply_default_schedules
+    elif then is not None and not callable(then):
+        raise OptionError(f"then={then!r} is not a schedule hook.",
+                          "Pass 'default', None or a callable (mod, target) -> mod.")
 
     def sparse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
         mod = lower_sparse(mod, target, threshold=threshold, block=block)
