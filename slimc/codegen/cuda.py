@@ -194,7 +194,7 @@ def verify_device_build(executable) -> dict[str, int]:
     would run on the CPU over device memory), or when a kernel uses no thread or block index.
     """
     source = device_source(executable)
-    fix = ("Build with the default schedules (tune=None: DLight), or make the schedule hook / "
+    fix = ("Build with the default schedules (DLight on CUDA), or make the schedule hook / "
            "tuning database bind every loop nest to blockIdx/threadIdx.")
     if source is None:
         raise UnsupportedError("The CUDA build contains no CUDA kernels: every function was "
