@@ -399,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="end-to-end demo on a real pretrained model")
     s.add_argument("--seq", type=int, default=128, help="sequence length")
     s.add_argument("--repeat", type=int, default=10, help="timing repetitions")
-    s.add_argument("--prune", type=float, default=0.25, help="fraction of heads to remove")
+    s.add_argument("--prune", type=float, default=0.2, help="fraction of heads to remove")
     s.add_argument("--score", default="magnitude", choices=["magnitude", "taylor", "attention"])
-    s.add_argument("--recover-steps", type=int, default=100,
+    s.add_argument("--recover-steps", type=int, default=0,
                    help="distillation steps after pruning (0: none)")
     s.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
     s.set_defaults(func=cmd_demo)

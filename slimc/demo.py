@@ -170,9 +170,9 @@ def run_demo(args) -> int:
               "lee_background.cor sentences)")
         data = [ev.tokenize(tok, [s], seq) for s in ev.lee_background(limit=args.recover_steps)]
         pruned = recover(pruned, teacher=g, data=data, steps=args.recover_steps,
-                                lr=args.lr)
+                         lr=args.lr, freeze=("embeddings",))
     else:
-        steps("recovery skipped (--recover-steps 0)")
+        steps("recovery skipped (pass --recover-steps N to distil from the original)")
     steps("cleanup (dead code, no-ops, constant folding)")
     optimized = passes.cleanup(pruned)
 
