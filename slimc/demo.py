@@ -143,9 +143,10 @@ def _table(before: dict, after: dict) -> str:
 def run_demo(args) -> int:
     import torch
 
-    from . import capture, compile, eval as ev, passes
-    from .passes.prune_heads.recover import recover
+    from . import capture, compile, passes
+    from . import eval as ev
     from .codegen import host_cpu
+    from .passes.prune_heads.recover import recover
     seq, repeat = args.seq, args.repeat
     if seq < 8 or seq > 512:
         raise SlimcError(f"--seq {seq} is out of range.", "Use a sequence length in [8, 512].")

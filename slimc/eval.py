@@ -14,8 +14,8 @@ cross-validated logistic-regression accuracy on the polarity sentences.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -44,7 +44,7 @@ class Recipe:
     description: str = ""
 
     @classmethod
-    def load(cls, path) -> "Recipe":
+    def load(cls, path) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise InputFileError(f"No such recipe file: {path}.", "Check the path.")
@@ -59,7 +59,7 @@ class Recipe:
         return cls.from_dict(data, source=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: dict, source: str = "recipe") -> Recipe:
         from . import passes as passes_mod
         unknown = sorted(set(data) - set(_TOP_KEYS))
         if unknown:

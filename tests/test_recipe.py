@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from zoo import ZOO
 
 import slimc
 from slimc.errors import InputFileError, OptionError
 from slimc.recipe import Recipe
-from zoo import ZOO
 
 
 def _write(tmp_path, text):

@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError, PassError, SlimcError
-from .registry import (Exact, Instrument, Lossy, PassResult, as_graph, get_pass,
-                       global_instruments)
+from .registry import Exact, Instrument, Lossy, PassResult, as_graph, get_pass, global_instruments
 
 # ---------------------------------------------------------------------------------------------
 # instruments
