@@ -20,16 +20,18 @@ from zoo import ZOO
 import slimc
 from slimc import passes, runtime
 from slimc.codegen import resolve_target, to_relax
-from slimc.codegen.schedules import apply_default_schedules
+from slimc.codegen.schedules import apply_default_schedules, cpu_config
 from slimc.codegen.sparse import (
     block_sparsity,
     bsr_matmul_kernel,
+    bsr_matmul_rows_kernel,
     crossover,
     lower_sparse,
     plan_sparse,
     sparse_hook,
     sparse_report,
     to_bsr,
+    uses_rows_kernel,
 )
 from slimc.errors import OptionError
 
@@ -73,10 +75,10 @@ def test_block_must_divide_the_weight():
 
 
 # -- the kernel --------------------------------------------------------------------------------
-def _run_kernel(func, x, bsr, bias):
+def _run_kernel(func, x, bsr, bias, out_shape=None):
     tgt = resolve_target("x86")
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
-    y = np.zeros((x.shape[0], bsr.shape[0]), np.float32)
+    y = np.zeros(out_shape or (x.shape[0], bsr.shape[0]), np.float32)
     args = [tvm.runtime.tensor(a) for a in (x, bsr.data, bsr.indices, bsr.indptr, bias, y)]
     lib["main"](*args)
     return args[-1].numpy()
@@ -98,6 +100,22 @@ def test_kernel_matches_numpy(m, block, sparsity):
     func = bsr_matmul_kernel(m, 48, 64, block)
     np.testing.assert_allclose(_run_kernel(func, x, bsr, bias), x @ w.T + bias, rtol=0,
                                atol=ATOL)
+
+
+@pytest.mark.parametrize(("m", "block", "mv", "sparsity"), [
+    (32, (1, 8), 32, 0.7),   # whole runs of rows
+    (21, (4, 4), 16, 0.5),   # a run and five leftover rows
+    (7, (2, 3), 16, 0.3),    # only leftover rows
+])
+def test_rows_kernel_matches_numpy(m, block, mv, sparsity):
+    rng = np.random.default_rng(2)
+    w, _ = _sparse_weight(rng, 64, 48, block, sparsity)
+    x = rng.standard_normal((m, 48)).astype(np.float32)
+    bias = rng.standard_normal(64).astype(np.float32)
+    bsr = to_bsr(w, block)
+    func = bsr_matmul_rows_kernel(m, 48, 64, block, mv=mv)
+    yt = _run_kernel(func, np.ascontiguousarray(x.T), bsr, bias, out_shape=(64, m))
+    np.testing.assert_allclose(yt.T, x @ w.T + bias, rtol=0, atol=ATOL)
 
 
 def test_kernel_with_a_dynamic_row_count():
@@ -212,6 +230,8 @@ def test_auto_threshold_keeps_dense_where_sparse_is_slower():
     blocks (one output feature: one vector lane of sixteen) only from ~90 %."""
     x86 = resolve_target("x86")
     assert crossover((16, 1), 16) < 0.25 < crossover((4, 4), 16) < 0.7 < crossover((1, 8), 16)
+    # with enough rows of x the rows kernel makes narrow blocks pay much earlier
+    assert crossover((4, 4), 16, rows=128) < 0.25 and crossover((1, 8), 16, rows=128) < 0.7
     module, inputs, _ = ZOO["bert"]()
     g = passes.threshold_weights(slimc.capture(module, inputs), sparsity=0.75, block=(1, 8))
     mod, _, _ = to_relax(g)
@@ -219,6 +239,25 @@ def test_auto_threshold_keeps_dense_where_sparse_is_slower():
     assert auto and not any(d.lowered for d in auto)
     assert all("(auto: 1x8 blocks" in d.reason for d in auto)
     assert all(d.lowered for d in plan_sparse(mod, x86, threshold=0.5, block=(1, 8)))
+
+
+def test_narrow_blocks_use_the_rows_kernel(tmp_path):
+    """(2, 4) blocks with 32 rows of x: the rows kernel between two transposes, on FX and ONNX,
+    equal to the thresholded model."""
+    module, _, _ = ZOO["bert"]()
+    ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(0))
+    g = passes.threshold_weights(slimc.capture(module, (ids,)), sparsity=0.7, block=(2, 4))
+    x86 = resolve_target("x86")
+    lanes = cpu_config(x86).lanes
+    expected = "rows" if uses_rows_kernel((2, 4), 32, lanes) else "outputs"
+    onnx_g = slimc.Graph("onnx", g.to_onnx())
+    for source in (g, onnx_g):
+        decisions = plan_sparse(to_relax(source)[0], x86, threshold=0.5, block=(2, 4))
+        assert len(decisions) == LINEARS
+        assert all(d.lowered and d.kernel == expected for d in decisions), decisions
+        art = slimc.compile(source, "x86", tune=sparse_hook(0.5, (2, 4)))
+        out = runtime.load(art.save(tmp_path / source.backend))(ids.numpy())
+        assert np.abs(out[0] - g.run()[0]).max() < ATOL
 
 
 def test_dense_model_is_left_alone():

@@ -9,25 +9,34 @@ it, measures the block sparsity of ``W`` and, where it reaches ``threshold``, re
 module then holds only the non-zero blocks, so the library on disk shrinks with the sparsity.
 Dense stays where sparse would be slower: the default ``threshold="auto"`` is the block
 sparsity from which :func:`crossover` expects the kernel to beat the dense default schedules
-for the block shape (measured; about 18 % for 16x1 blocks, 90 % for 1x8).
+for the block shape (measured; about 18 % for 16x1 and 4x4 blocks, 68 % for 1x8).
 
 Blocks are ``(r, c)`` of the canonical weight matrix ``W`` (rows = output features, columns =
-the reduction axis), the convention of ``threshold_weights(block=...)``. The kernel::
+the reduction axis), the convention of ``threshold_weights(block=...)``. Two kernels, both
+parallel over block rows, both skipping the zero blocks through ``indptr``/``indices``:
+
+``bsr_matmul`` (the "outputs" kernel), for blocks of r ≥ half a vector of output features::
 
     for each block row i, in parallel:                     (r output features)
         for each tile of mr rows of x:
             acc[mr, r] = bias[i·r : (i+1)·r]               (registers)
-            for each non-zero block j of row i:            (data-dependent, from indptr)
+            for each non-zero block j of row i:
                 for each of its c columns:
                     acc[a, :] += x[row a, indices[j]·c + col] · data[j, col, :]   (vector FMA)
             y[rows, i·r : (i+1)·r] = acc
 
-The ``r`` output features of a block are contiguous in ``data`` and in ``y``, so the innermost
-loop is one (or r / lanes) vector FMA with ``x`` broadcast: blocks of ``r`` = 16 or 32 outputs
-(one or two AVX-512 vectors) are what this kernel is fast for; ``r`` below the vector width is
-correct but leaves lanes idle. TVM 0.27's topi has no ``sparse_dense`` any more, hence the TIR.
+  A block's r output features are contiguous in ``data`` and in ``y``: with r = 16 or 32 (one
+  or two AVX-512 vectors) each x value is broadcast into full-vector FMAs.
 
-Composition with the schedules: the kernel is marked scheduled and opaque, so
+``bsr_matmul_rows`` (the "rows" kernel), for narrower blocks (1x8, 4x4 …) with a static row
+count of at least two vectors: the same loops on xᵀ and yᵀ, each weight broadcast and
+multiplied into ``mv`` rows of x at once (``yᵀ = W · xᵀ``), so the vector runs along the rows
+of x instead of the block's few output features; the caller transposes x and y, which costs
+little next to the product.
+
+TVM 0.27's topi has no ``sparse_dense`` any more, hence the TIR.
+
+Composition with the schedules: the kernels are marked scheduled and opaque, so
 :func:`.schedules.apply_default_schedules` (and a tuning database) leave it whole and schedule
 the rest; :func:`sparse_hook` runs this pass first and then the hook given as ``then``.
 
@@ -199,23 +208,103 @@ def bsr_matmul_kernel(m, k: int, n: int, block: tuple[int, int], *,
     return bsr_matmul
 
 
+def _vector_rows(r: int, m: int, lanes: int) -> int:
+    """Rows of x per register tile of the rows kernel (a multiple of ``lanes``, at most m):
+    8 vectors when a block has one output feature (every x load feeds one FMA, so longer runs
+    amortise the weight broadcast), else 2 vectors × r outputs (measured on Zen 4)."""
+    mv = lanes * (8 if r == 1 else 2)
+    while mv > lanes and mv > m:
+        mv //= 2
+    return mv
+
+
+def uses_rows_kernel(block: tuple[int, int], m, lanes: int) -> bool:
+    """Whether a weight with ``block`` blocks times ``m`` rows of x (an int, or None when
+    symbolic) goes to :func:`bsr_matmul_rows_kernel`: blocks with fewer output features than
+    half a vector, when there are at least two vectors of rows."""
+    return 2 * block[0] < lanes and m is not None and m >= 2 * lanes
+
+
+def bsr_matmul_rows_kernel(m: int, k: int, n: int, block: tuple[int, int], *,
+                           mv: int) -> tirx.PrimFunc:
+    """The transposed kernel ``yᵀ (n, m) = W · xᵀ (k, m) + bias`` for ``W`` in :class:`BSR`
+    form, for blocks narrower than a vector: each weight is broadcast and multiplied into a run
+    of ``mv`` rows of x (a vector of xᵀ), so the vector lanes run along the rows of x instead of
+    a block's few output features. The caller transposes x and y (cheap next to the product).
+
+    Parameters, in order: xt (k, m), data (nnz, c, r), indices (nnz,) int32, indptr
+    (n / r + 1,) int32, bias (n,), yt (n, m). Parallel over block rows; rows of x in runs of
+    ``mv``, the rest one at a time.
+    """
+    r, c = block
+    nb = n // r
+    nnz = tirx.Var("nnz", "int64")
+
+    @T.prim_func(private=True, s_tir=True)
+    def bsr_matmul_rows(xt: T.Buffer((k, m), _FLOAT32), data: T.Buffer((nnz, c, r), _FLOAT32),
+                        indices: T.Buffer((nnz,), "int32"),
+                        indptr: T.Buffer((nb + 1,), "int32"), bias: T.Buffer((n,), _FLOAT32),
+                        yt: T.Buffer((n, m), _FLOAT32)):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": _OPAQUE,
+                     KERNEL_ATTR: f"{k}x{n} {r}x{c} rows"})
+        with T.sblock("root"):  # noqa: SIM117 (two blocks, not two contexts)
+            with T.sblock("bsr_matmul_rows"):
+                T.reads(xt[0:k, 0:m], data[0:nnz, 0:c, 0:r], indices[0:nnz], indptr[0:nb + 1],
+                        bias[0:n])
+                T.writes(yt[0:n, 0:m])
+                for i in T.parallel(nb):
+                    acc = T.alloc_buffer((r, mv), _FLOAT32, scope="local")
+                    for mo in T.serial(m // mv):
+                        for a in T.unroll(r):
+                            for v in T.vectorized(mv):
+                                acc[a, v] = bias[i * r + a]
+                        for j in T.serial(indptr[i], indptr[i + 1]):
+                            for col in T.unroll(c):
+                                kk = indices[j] * c + col
+                                for a in T.unroll(r):
+                                    for v in T.vectorized(mv):
+                                        acc[a, v] += data[j, col, a] * xt[kk, mo * mv + v]
+                        for a in T.unroll(r):
+                            for v in T.vectorized(mv):
+                                yt[i * r + a, mo * mv + v] = acc[a, v]
+                    for t in T.serial(m % mv):
+                        row = m // mv * mv + t
+                        for a in T.serial(r):
+                            acc[a, 0] = bias[i * r + a]
+                        for j in T.serial(indptr[i], indptr[i + 1]):
+                            for col, a in T.grid(c, r):
+                                acc[a, 0] += data[j, col, a] * xt[indices[j] * c + col, row]
+                        for a in T.serial(r):
+                            yt[i * r + a, row] = acc[a, 0]
+
+    return bsr_matmul_rows
+
+
 # -- when sparse pays ------------------------------------------------------------------------
-def crossover(block: tuple[int, int], lanes: int) -> float:
-    """The block sparsity from which the BSR kernel is expected to beat the dense kernel of the
-    default schedules, for ``block`` on a CPU with ``lanes`` fp32 vector lanes.
+def crossover(block: tuple[int, int], lanes: int, rows: int | None = None) -> float:
+    """The block sparsity from which a BSR kernel is expected to beat the dense kernel of the
+    default schedules, for ``block`` on a CPU with ``lanes`` fp32 vector lanes and ``rows`` rows
+    of x (None: symbolic).
 
     Model: sparse time / dense time = penalty × (1 − sparsity), lowered when that is at most
-    0.9 (a 10 % margin for timing noise and for the kernel's per-block overhead, which grows as
-    the rows thin out). The penalty is the kernel's slowdown on a fully dense weight; it comes
-    from how many of a vector's lanes a block's ``r`` output features fill. Measured on Zen 4
+    0.9 (a 10 % margin for timing noise and for the per-block overhead, which grows as the rows
+    thin out). The penalty is the kernel's slowdown on a fully dense weight, measured on Zen 4
     (16 lanes; 768x768, 768x3072 and 3072x768 weights, 128 rows; sparse at 0 % / dense):
-    r=1 8.7-12.3, r=2 4.3-5.2, r=4 2.2-2.7, r=8 1.3-1.6, r=16 1.0-1.2, r=32 0.9-0.95, which
-    penalty = max(0.55 · lanes / r + 0.35, 1.1 if r < 2 · lanes else 1.0) follows. So 32x1
-    blocks pay from 10 % zero blocks, 16x1 from 18 %, 8x1 from 38 %, 4x4 from 65 %, 1x8 from 90 %.
-    The column count c hardly matters (16x4 measured as 16x1).
+
+    * outputs kernel (vectors along a block's r output features): r=1 8.7-12.3, r=2 4.3-5.2,
+      r=4 2.2-2.7, r=8 1.3-1.6, r=16 1.0-1.2, r=32 0.9-0.95, which
+      penalty = max(0.55 · lanes / r + 0.35, 1.1 if r < 2 · lanes else 1.0) follows;
+    * rows kernel (vectors along the rows of x, for r < lanes / 2): r=1 2.7-2.8 (each load of
+      x feeds one FMA), r ≥ 2 about 1.1.
+
+    So 32x1 blocks pay from 10 % zero blocks, 16x1 and (with ≥ 32 rows) 4x4 from 18 %, 8x1 from
+    38 %, 1x8 from 68 % (90 % with few or symbolic rows). The block's c hardly matters.
     """
     r = block[0]
-    penalty = max(0.55 * lanes / r + 0.35, 1.1 if r < 2 * lanes else 1.0)
+    if uses_rows_kernel(block, rows, lanes):
+        penalty = 2.8 if r == 1 else 1.1
+    else:
+        penalty = max(0.55 * lanes / r + 0.35, 1.1 if r < 2 * lanes else 1.0)
     return max(0.0, 1.0 - 0.9 / penalty)
 
 
@@ -229,6 +318,7 @@ class Decision:
     block_sparsity: float | None  # None when the weight cannot be lowered at all
     lowered: bool
     bias: bool                  # whether the kernel also adds the bias that followed
+    kernel: str | None          # "outputs" or "rows" (see the module docstring) when lowered
     reason: str
 
 
@@ -237,6 +327,7 @@ class _Plan:
     x: relax.Expr
     bsr: BSR
     bias: np.ndarray | None
+    rows_kernel: bool
 
 
 def _const(expr, var2val) -> np.ndarray | None:
@@ -299,7 +390,14 @@ def _bias(add: relax.Call, mm_var, n: int, var2val) -> np.ndarray | None:
     return c.reshape(n)
 
 
-def _find(func: relax.Function, threshold: float, block: tuple[int, int], label: str = ""
+def _rows(xs: list) -> int | None:
+    """The number of rows of x (its dimensions but the last, multiplied) when static."""
+    if not all(isinstance(d, tirx.IntImm) for d in xs[:-1]):
+        return None
+    return int(np.prod([int(d) for d in xs[:-1]]))
+
+
+def _find(func: relax.Function, threshold: float | str, block: tuple[int, int], lanes: int
           ) -> tuple[dict, set, list[Decision]]:
     """(plans by result variable, matmul variables folded into a bias add, decisions)."""
     var2val = relax.analysis.get_var2val(func)
@@ -321,8 +419,9 @@ def _find(func: relax.Function, threshold: float, block: tuple[int, int], label:
         x = value.args[0]
         shape = (int(w.shape[0]), int(w.shape[1]))
 
-        def decide(ok: bool, reason: str, sparsity=None, bias=False, var=var, shape=shape):
-            decisions.append(Decision(var.name, shape, sparsity, ok, bias, reason))
+        def decide(ok: bool, reason: str, sparsity=None, bias=False, kernel=None, var=var,
+                   shape=shape):
+            decisions.append(Decision(var.name, shape, sparsity, ok, bias, kernel, reason))
 
         xs = _static_shape(x.ty)
         if w.dtype != np.float32 or getattr(x.ty, "dtype", None) != _FLOAT32 \
@@ -337,9 +436,16 @@ def _find(func: relax.Function, threshold: float, block: tuple[int, int], label:
         if shape[0] % r or shape[1] % c:
             decide(False, f"({shape[0]}, {shape[1]}) does not split into {r}x{c} blocks")
             continue
+        m = _rows(xs)
+        rows_kernel = uses_rows_kernel(block, m, lanes)
+        kernel = "rows" if rows_kernel else "outputs"
+        t, how = threshold, ""
+        if threshold == "auto":
+            t = crossover(block, lanes, m)
+            how = f" (auto: {r}x{c} blocks, {lanes} lanes, {kernel} kernel)"
         s = block_sparsity(w, block)
-        if s < threshold:
-            decide(False, f"block sparsity {s:.3f} < threshold {threshold:.2f}{label}", s)
+        if s < t:
+            decide(False, f"block sparsity {s:.3f} < threshold {t:.2f}{how}", s)
             continue
         bias, at = None, var
         readers = adds.get(var, [])
@@ -348,9 +454,9 @@ def _find(func: relax.Function, threshold: float, block: tuple[int, int], label:
             if bias is not None:
                 at = readers[0][0]
                 folded.add(var)
-        plans[at] = _Plan(x, to_bsr(w, block), bias)
-        decide(True, f"block sparsity {s:.3f} >= threshold {threshold:.2f}{label}", s,
-               bias is not None)
+        plans[at] = _Plan(x, to_bsr(w, block), bias, rows_kernel)
+        decide(True, f"block sparsity {s:.3f} >= threshold {t:.2f}{how}", s, bias is not None,
+               kernel)
     return plans, folded, decisions
 
 
@@ -377,15 +483,21 @@ class _Lower(relax.PyExprMutator):
         value = self.builder_.normalize(self._kernel_call(plan, binding.var.ty))
         self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
 
-    def _kernel(self, m, k: int, n: int, bsr: BSR) -> tvm.ir.GlobalVar:
+    def _kernel(self, m, k: int, n: int, bsr: BSR, rows_kernel: bool) -> tvm.ir.GlobalVar:
+        """The kernel for this weight shape (shared by every weight of it)."""
         r = bsr.block[0]
-        mr = _row_tile(r, self.lanes)
         static = isinstance(m, tirx.IntImm)
-        key = (int(m) if static else None, k, n, bsr.block, mr)
-        if not static or key not in self.kernels:
+        key = (int(m) if static else None, k, n, bsr.block, rows_kernel)
+        if static and key in self.kernels:
+            return self.kernels[key]
+        if rows_kernel:  # only with static rows (uses_rows_kernel)
+            mv = _vector_rows(r, int(m), self.lanes)
+            func, name = bsr_matmul_rows_kernel(int(m), k, n, bsr.block, mv=mv), "bsr_matmul_rows"
+        else:
             rows = int(m) if static else tirx.Var("m", "int64")
-            func = bsr_matmul_kernel(rows, k, n, bsr.block, mr=mr)
-            self.kernels[key] = self.builder_.add_func(func, "bsr_matmul")
+            mr = _row_tile(r, self.lanes)
+            func, name = bsr_matmul_kernel(rows, k, n, bsr.block, mr=mr), "bsr_matmul"
+        self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
     def _kernel_call(self, plan: _Plan, out_ty) -> relax.Expr:
@@ -401,22 +513,27 @@ class _Lower(relax.PyExprMutator):
         if len(lead) != 1:
             x = self.builder_.emit(relax.op.reshape(x, [m, k]))
         bias = plan.bias if plan.bias is not None else np.zeros(n, dtype=np.float32)
-        args = [x, relax.const(plan.bsr.data), relax.const(plan.bsr.indices),
-                relax.const(plan.bsr.indptr), relax.const(bias)]
-        call = relax.call_tir(self._kernel(m, k, n, plan.bsr), args,
-                              relax.TensorType([m, n], _FLOAT32))
+        consts = [relax.const(plan.bsr.data), relax.const(plan.bsr.indices),
+                  relax.const(plan.bsr.indptr), relax.const(bias)]
+        gv = self._kernel(m, k, n, plan.bsr, plan.rows_kernel)
+        if plan.rows_kernel:  # yᵀ = W · xᵀ: transpose in, transpose out
+            xt = self.builder_.emit(relax.op.permute_dims(x, [1, 0]))
+            yt = self.builder_.emit(relax.call_tir(gv, [xt, *consts],
+                                                   relax.TensorType([n, m], _FLOAT32)))
+            y = relax.op.permute_dims(yt, [1, 0])
+        else:
+            y = relax.call_tir(gv, [x, *consts], relax.TensorType([m, n], _FLOAT32))
         if len(lead) == 1:
-            return call
-        y = self.builder_.emit(call)
+            return y
+        y = self.builder_.emit(y)
         return relax.op.reshape(y, _static_shape(out_ty))
 
-    def run(self, threshold: float, block: tuple[int, int], label: str
-            ) -> tuple[tvm.IRModule, list]:
+    def run(self, threshold: float | str, block: tuple[int, int]) -> tuple[tvm.IRModule, list]:
         decisions = []
         for gv, func in self.mod_.functions_items():
             if not isinstance(func, relax.Function):
                 continue
-            plans, folded, found = _find(func, threshold, block, label)
+            plans, folded, found = _find(func, threshold, block, self.lanes)
             decisions += found
             if not plans:
                 continue
@@ -452,25 +569,16 @@ def _lanes(target: Target | None) -> int:
     return cpu_config(target).lanes
 
 
-def _resolve(threshold, block, target) -> tuple[float, str]:
-    """(threshold, how it was chosen, for the decisions' reasons)."""
-    threshold, block = _check(threshold, block)
-    if threshold != "auto":
-        return threshold, ""
-    lanes = _lanes(target)
-    return crossover(block, lanes), f" (auto: {block[0]}x{block[1]} blocks, {lanes} lanes)"
-
-
 def plan_sparse(mod: tvm.IRModule, target: Target | None = None, *,
                 threshold: float | str = DEFAULT_THRESHOLD,
                 block: tuple[int, int] = DEFAULT_BLOCK) -> list[Decision]:
     """What :func:`lower_sparse` would do with every matmul of ``mod`` that has a constant
     weight, and why (the module is not changed)."""
-    value, label = _resolve(threshold, block, target)
+    threshold, block = _check(threshold, block)
     out = []
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
-            out += _find(func, value, _check(threshold, block)[1], label)[2]
+            out += _find(func, threshold, block, _lanes(target))[2]
     return out
 
 
@@ -484,20 +592,19 @@ def lower_sparse(mod: tvm.IRModule, target: Target | None = None, *,
     Math: y = x · Wᵀ + b computed as Σ over the non-zero blocks only.
     Pre: ``mod`` as imported (before legalization); weights bound as constants. Only float32
     matmuls whose weight splits into ``block`` blocks are candidates (:func:`plan_sparse` says
-    why each was or was not lowered). ``threshold="auto"``: :func:`crossover` for the block and
-    the target's vector width (16 lanes without a target). A non-CPU ``target`` leaves ``mod``
-    unchanged.
+    why each was or was not lowered). ``threshold="auto"``: :func:`crossover` for the block,
+    the rows of x and the target's vector width (16 lanes without a target). A non-CPU
+    ``target`` leaves ``mod`` unchanged.
     Post: the lowered weights are gone from the module; in their place their non-zero blocks
-    (data, indices, indptr) and the bias are arguments of ``call_tir`` to ``bsr_matmul``
-    PrimFuncs (one per weight shape), marked scheduled. Below the threshold the module is
+    (data, indices, indptr) and the bias are arguments of ``call_tir`` to ``bsr_matmul`` (or,
+    between transposes, ``bsr_matmul_rows``) PrimFuncs, one per weight shape, marked scheduled. Below the threshold the module is
     returned unchanged.
     Numerics: the same sums as the dense matmul without the zero products (fp32 rounding).
     """
-    value, label = _resolve(threshold, block, target)
-    block = _check(threshold, block)[1]
+    threshold, block = _check(threshold, block)
     if target is not None and target.kind.name != "llvm":
         return mod
-    new, decisions = _Lower(mod, _lanes(target)).run(value, block, label)
+    new, decisions = _Lower(mod, _lanes(target)).run(threshold, block)
     if not any(d.lowered for d in decisions):
         return mod
     # the dense weights (and torch's permute_dims of them) are now unread
