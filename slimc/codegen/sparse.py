@@ -9,13 +9,13 @@ it, measures the block sparsity of ``W`` and, where it reaches ``threshold``, re
 module then holds only the non-zero blocks, so the library on disk shrinks with the sparsity.
 Dense stays where sparse would be slower: the default ``threshold="auto"`` is the block
 sparsity from which :func:`crossover` expects the kernel to beat the dense default schedules
-for the block shape (measured; about 18 % for 16x1 and 4x4 blocks, 68 % for 1x8).
+for the block shape (measured; about 18 % for 16x1 blocks, 28 % for 4x4, 70 % for 1x8).
 
 Blocks are ``(r, c)`` of the canonical weight matrix ``W`` (rows = output features, columns =
 the reduction axis), the convention of ``threshold_weights(block=...)``. Two kernels, both
 parallel over block rows, both skipping the zero blocks through ``indptr``/``indices``:
 
-``bsr_matmul`` (the "outputs" kernel), for blocks of r ≥ half a vector of output features::
+``bsr_matmul`` (the "outputs" kernel), for blocks of a vector of output features or more::
 
     for each block row i, in parallel:                     (r output features)
         for each tile of mr rows of x:
@@ -28,8 +28,8 @@ parallel over block rows, both skipping the zero blocks through ``indptr``/``ind
   A block's r output features are contiguous in ``data`` and in ``y``: with r = 16 or 32 (one
   or two AVX-512 vectors) each x value is broadcast into full-vector FMAs.
 
-``bsr_matmul_rows`` (the "rows" kernel), for narrower blocks (1x8, 4x4 …) with a static row
-count of at least two vectors: the same loops on xᵀ and yᵀ, each weight broadcast and
+``bsr_matmul_rows`` (the "rows" kernel), for narrower blocks (1x8, 4x4, 8x1 …) with a static
+row count of at least two vectors: the same loops on xᵀ and yᵀ, each weight broadcast and
 multiplied into ``mv`` rows of x at once (``yᵀ = W · xᵀ``), so the vector runs along the rows
 of x instead of the block's few output features; the caller transposes x and y, which costs
 little next to the product.
@@ -220,9 +220,10 @@ def _vector_rows(r: int, m: int, lanes: int) -> int:
 
 def uses_rows_kernel(block: tuple[int, int], m, lanes: int) -> bool:
     """Whether a weight with ``block`` blocks times ``m`` rows of x (an int, or None when
-    symbolic) goes to :func:`bsr_matmul_rows_kernel`: blocks with fewer output features than
-    half a vector, when there are at least two vectors of rows."""
-    return 2 * block[0] < lanes and m is not None and m >= 2 * lanes
+    symbolic) goes to :func:`bsr_matmul_rows_kernel`: blocks with fewer output features than a
+    vector, when there are at least two vectors of rows (measured on Zen 4: 8x1 blocks run at
+    1.1-1.2x dense there against 1.2-1.6x in the outputs kernel; 16x1 the other way round)."""
+    return block[0] < lanes and m is not None and m >= 2 * lanes
 
 
 def bsr_matmul_rows_kernel(m: int, k: int, n: int, block: tuple[int, int], *,
@@ -294,15 +295,17 @@ def crossover(block: tuple[int, int], lanes: int, rows: int | None = None) -> fl
     * outputs kernel (vectors along a block's r output features): r=1 8.7-12.3, r=2 4.3-5.2,
       r=4 2.2-2.7, r=8 1.3-1.6, r=16 1.0-1.2, r=32 0.9-0.95, which
       penalty = max(0.55 · lanes / r + 0.35, 1.1 if r < 2 · lanes else 1.0) follows;
-    * rows kernel (vectors along the rows of x, for r < lanes / 2): r=1 2.7-2.8 (each load of
-      x feeds one FMA), r ≥ 2 about 1.1.
+    * rows kernel (vectors along the rows of x, for r < lanes; transposes included): r=1
+      2.0-3.2 (each load of x feeds one FMA), r=2 1.2-1.9, r=4 1.1-1.3, r=8 1.1-1.2; the
+      3072-deep weight is the slow end (xᵀ no longer fits in L2).
 
-    So 32x1 blocks pay from 10 % zero blocks, 16x1 and (with ≥ 32 rows) 4x4 from 18 %, 8x1 from
-    38 %, 1x8 from 68 % (90 % with few or symbolic rows). The block's c hardly matters.
+    So 32x1 blocks pay from 10 % zero blocks, 16x1 from 18 %; with ≥ 2 vectors of rows 4x4 and
+    8x1 from 28 %, 2x4 from 50 %, 1x8 from 70 % (with few or symbolic rows 8x1 from 38 %, 4x4
+    from 65 %, 1x8 from 90 %). The block's c hardly matters.
     """
     r = block[0]
     if uses_rows_kernel(block, rows, lanes):
-        penalty = 2.8 if r == 1 else 1.1
+        penalty = 3.0 if r == 1 else 1.8 if r == 2 else 1.25
     else:
         penalty = max(0.55 * lanes / r + 0.35, 1.1 if r < 2 * lanes else 1.0)
     return max(0.0, 1.0 - 0.9 / penalty)
