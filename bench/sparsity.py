@@ -208,7 +208,7 @@ def main(argv=None) -> int:
               f"{_mb(dense_size):>9s} {_mb(size):>9s} {_mb(onnx_size):>8s} {err:9.1e}")
     faster = [s for s, t, *_ in rows if t["sparse"] < t["dense"]]
     print(f"\nsparse beats dense TVM at: {', '.join(f'{s:.0%}' for s in faster) or 'no level'}")
-    auto = crossover(args.block, cpu_config(resolve_target("x86")).lanes)
+    auto = crossover(args.block, cpu_config(resolve_target("x86")).lanes, args.batch * args.seq)
     print(f"threshold='auto' (the default) lowers {args.block[0]}x{args.block[1]} blocks from "
           f"{auto:.0%} block sparsity on this CPU")
     print(f"{args.rounds} interleaved rounds per level (medians); max |err|: sparse TVM and "

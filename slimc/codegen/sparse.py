@@ -61,7 +61,8 @@ from tvm.target import Target
 from ..errors import OptionError
 from .build import ScheduleHook
 
-KERNEL_ATTR = "slimc.bsr"   # on every BSR PrimFunc: "K×N r×c" (see :func:`sparse_report`)
+# on every BSR PrimFunc: "KxN rxc", plus " rows" for the rows kernel (see sparse_report)
+KERNEL_ATTR = "slimc.bsr"
 DEFAULT_BLOCK = (16, 1)
 DEFAULT_THRESHOLD = "auto"   # see :func:`crossover`
 # relax OpPatternKind.kOpaque: FuseOps must not fuse a neighbour into the hand-written kernel
