@@ -188,7 +188,19 @@ def static_onnx(model, shapes: dict[str, tuple]):
         optimizer.remove_unused_nodes(m)
     finally:
         quiet.setLevel(level)
-    return m
+    # onnxscript's folder skips some Shape-derived arithmetic (e.g. a Mul on a sliced Shape);
+    # onnx-graphsurgeon's folder evaluates it with onnxruntime
+    import onnx_graphsurgeon as gs
+    try:  # Shape ops fold only where the shapes are known
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 - best effort: without shapes, less folds
+        pass
+    graph = gs.import_onnx(m)
+    graph.fold_constants(error_ok=True).cleanup()
+    folded = gs.export_onnx(graph)
+    folded.ClearField("metadata_props")
+    folded.metadata_props.extend(m.metadata_props)
+    return folded
 
 
 def to_relax(graph, input_shapes: dict | None = None) -> tuple[tvm.IRModule, list, list]:
@@ -202,6 +214,11 @@ def to_relax(graph, input_shapes: dict | None = None) -> tuple[tvm.IRModule, lis
         shapes = resolve_input_shapes(specs, input_shapes)
         if graph.backend == "onnx" and any(shapes[s.name] != s.shape for s in specs):
             graph = Graph("onnx", static_onnx(graph.onnx, shapes), history=graph.history)
+    elif graph.backend == "onnx" and all(isinstance(d, int) for s in specs for d in s.shape):
+        # static inputs: fold Shape-derived arithmetic (exporters and passes such as
+        # prune_heads leave it) into constants, which TVM's ONNX frontend imports reliably
+        graph = Graph("onnx", static_onnx(graph.onnx, {s.name: s.shape for s in specs}),
+                      history=graph.history)
     mod = _import_fx(graph) if graph.backend == "fx" else _import_onnx(graph)
     names = list(graph.input_names)
     main = mod["main"]
