@@ -18,6 +18,7 @@ import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_dec
 import torch.fx
 
 from ...ir.fx import _fetch, build_view
+from .. import _calib
 from ..threshold_weights.fx import WEIGHT_ARG
 from . import _math
 from ._math import QParams, Spec, Target
@@ -92,27 +93,11 @@ def weight_array(gm: torch.fx.GraphModule, target: Target) -> np.ndarray:
     return _fetch(gm, target.weight).detach().cpu().numpy()
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm, observers):
-        super().__init__(gm)
-        self.observers = observers
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        obs = self.observers.get(n.name)
-        if obs is not None and isinstance(out, torch.Tensor):
-            obs.update(out.detach().cpu().numpy())
-        return out
-
-
 def observe(gm: torch.fx.GraphModule, values: list[str],
             batches: list[tuple]) -> dict[str, _math.Observer]:
     """Run every batch through the graph and record the values named."""
     observers = {v: _math.Observer() for v in values}
-    rec = _Recorder(gm, observers)
-    with torch.no_grad():
-        for batch in batches:
-            rec.run(*[torch.as_tensor(np.ascontiguousarray(x)) for x in batch])
+    _calib.run(gm, values, batches, lambda v, x: observers[v].update(x))
     return observers
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import OptionError
 from ...ir.onnx import _attr, build_view, constants, get_weight
+from .. import _calib
 from . import _math
 from ._math import QParams, Spec, Target
 
@@ -104,30 +104,8 @@ def weight_array(model: onnx.ModelProto, target: Target) -> np.ndarray:
 def observe(model: onnx.ModelProto, values: list[str],
             batches: list[tuple]) -> dict[str, _math.Observer]:
     """Run every batch with the values named added as graph outputs, and record them."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inputs = [i.name for i in m.graph.input
-              if i.name not in {t.name for t in m.graph.initializer}]
-    outputs = {o.name for o in m.graph.output}
-    for v in values:
-        if v not in outputs and v not in inputs:
-            m.graph.output.append(helper.make_tensor_value_info(v, TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
     observers = {v: _math.Observer() for v in values}
-    for batch in batches:
-        if len(batch) != len(inputs):
-            raise OptionError(f"A calibration batch has {len(batch)} arrays; the model takes "
-                              f"{len(inputs)} ({', '.join(inputs)}).",
-                              "Give one array per model input, in order.")
-        feeds = {n: np.ascontiguousarray(x) for n, x in zip(inputs, batch)}
-        got = dict(zip(names, sess.run(None, feeds)))
-        got.update(feeds)
-        for v in values:
-            observers[v].update(got[v])
+    _calib.run(model, values, batches, lambda v, x: observers[v].update(x))
     return observers
 
 
