@@ -33,6 +33,22 @@ def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _parse_target_options(items: list[str] | None, num_cores: int | None = None) -> dict:
+    """``--target-option KEY=VALUE`` (repeatable; integers and true/false are converted)."""
+    options: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise OptionError(f"Cannot read the target option {item!r}.",
+                              "Write it as KEY=VALUE, e.g. --target-option board=rpi4.")
+        low = value.strip().lower()
+        options[key.strip()] = (True if low == "true" else False if low == "false"
+                                else int(low) if low.lstrip("-").isdigit() else value.strip())
+    if num_cores is not None:
+        options["num_cores"] = num_cores
+    return options
+
+
 def _load_model(path: str):
     from . import load
     return load(path)
@@ -106,7 +122,8 @@ def cmd_compile(args) -> int:
     g = _load_model(args.model)
     print(f"slimc: compiling {args.model} for {args.target} ...", file=sys.stderr)
     art = slimc_compile(g, target=args.target, input_shapes=_parse_shapes(args.input_shape) or None,
-                        tune=None if args.no_schedules else "default", db=args.db)
+                        tune=None if args.no_schedules else "default", db=args.db,
+                        target_options=_parse_target_options(args.target_option) or None)
     art.save(args.output)
     print(f"slimc: wrote {args.output}", file=sys.stderr)
     return 0
@@ -116,10 +133,18 @@ def cmd_tune(args) -> int:
     from .codegen.tune import summary_json, tune_graph
     if args.trials is None and args.seconds is None:
         raise OptionError("slimc tune needs a budget.", "Pass --trials N and/or --seconds S.")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise OptionError("--rpc-tracker and --rpc-key go together.",
+                          "Pass both, e.g. --rpc-tracker 127.0.0.1:9190 --rpc-key rpi4.")
+    options = _parse_target_options(args.target_option, args.num_cores)
+    runner = None
+    if args.rpc_tracker:
+        from .codegen.rpc import rpc_runner
+        runner = rpc_runner(args.rpc_tracker, args.rpc_key)
     g = _load_model(args.model)
     summary = tune_graph(g, args.target, db=args.db, trials=args.trials, seconds=args.seconds,
                          input_shapes=_parse_shapes(args.input_shape) or None,
-                         progress=not args.quiet)
+                         target_options=options or None, progress=not args.quiet, runner=runner)
     print(json.dumps(summary_json(summary), indent=2) if args.json else summary.table())
     if summary.interrupted:
         print(f"slimc: interrupted; the records so far are in {args.db} (run again to resume)",
@@ -337,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--db", metavar="DIR", help="tuning database written by `slimc tune`")
     s.add_argument("--no-schedules", action="store_true",
                    help="TVM's stock pipeline without slimc's default CPU schedules (slow)")
+    s.add_argument("--target-option", action="append", metavar="KEY=VALUE",
+                   help="option of a named target, e.g. board=rpi4, dotprod=true, num_cores=4, "
+                   "arch=sm_90 (repeatable)")
     s.set_defaults(func=cmd_compile)
 
     s = sub.add_parser("tune", help="auto-tune kernels with MetaSchedule into a records database")
@@ -349,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-shape", action="append", metavar="NAME=1x128")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="summary as JSON")
+    s.add_argument("--target-option", action="append", metavar="KEY=VALUE",
+                   help="option of a named target, e.g. board=rpi4 (repeatable)")
+    s.add_argument("--num-cores", type=int, metavar="N",
+                   help="cores of the measuring device (needed for a device other than this CPU)")
+    s.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                   help="measure on the RPC servers registered at this TVM RPC tracker")
+    s.add_argument("--rpc-key", metavar="KEY", help="device key of those RPC servers")
     s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("optimize", help="run compression / fusion passes and write the model")

@@ -87,3 +87,36 @@ def test_rpc_runner_errors(cluster):
         rpc_runner(cluster.tracker, "no-such-board")
     with pytest.raises(OptionError, match="HOST:PORT"):
         rpc_runner("localhost", "x86")
+
+
+def _matmul_relu_onnx(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((128, 256))
+                                .astype("float32"), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 128])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [64, 256])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_cli_tunes_over_the_tracker(cluster, tmp_path, capsys):
+    import json
+
+    from slimc.cli import main
+    if tracker_queue(cluster.tracker).get("x86", {}).get("total", 0) == 0:
+        cluster.add_server("x86")
+    model = tmp_path / "mm.onnx"
+    _matmul_relu_onnx(model)
+    sessions_before = sum(len(s.sessions()) for s in cluster.servers if s.key == "x86")
+    rc = main(["tune", str(model), "--db", str(tmp_path / "db"), "--trials", "4", "--quiet",
+               "--json", "--rpc-tracker", cluster.tracker, "--rpc-key", "x86"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["trials"] == 4 and summary["records"] > 0
+    # the candidates were measured by the servers, not locally
+    assert sum(len(s.sessions()) for s in cluster.servers if s.key == "x86") > sessions_before
+    assert main(["tune", str(model), "--db", str(tmp_path / "db2"), "--trials", "4",
+                 "--rpc-tracker", cluster.tracker]) == 2
+    assert "--rpc-key" in capsys.readouterr().err

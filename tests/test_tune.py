@@ -18,6 +18,7 @@ import slimc
 from slimc.codegen.schedules import CPUConfig, apply_default_schedules, cpu_config, schedule_report
 from slimc.codegen.targets import resolve_target
 from slimc.codegen.tune import apply_database, count_records, database_hook, tune
+from slimc.errors import OptionError
 
 TARGET = resolve_target("x86")
 RNG = np.random.default_rng(0)
@@ -245,6 +246,13 @@ def test_tuning_writes_records_and_a_second_tune_runs_no_trials(tmp_path, capsys
     err = capsys.readouterr().err
     assert "tune [" in err and "best" in err and "ETA" in err
 
+    # the estimate's trajectory: complete after the first batch of every task, never rising
+    assert first.history and all(b >= a for (a, _), (b, _) in zip(first.history,
+                                                                   first.history[1:]))
+    assert all(b <= a for (_, a), (_, b) in zip(first.history, first.history[1:]))
+    assert 0 <= first.seconds_to_reach(0.9) <= first.history[-1][0]
+    assert "90 % of its final speed" in first.table()
+
     second = tune(mod, TARGET, trials=6, db=db)
     assert second.trials == 0 and second.skipped == second.tasks
     assert count_records(db) == first.records
@@ -393,3 +401,46 @@ def test_missing_database_is_an_error(tmp_path):
     mod, _, _ = _small_model()
     with pytest.raises(slimc.SlimcError, match="does not exist"):
         apply_database(mod, TARGET, tmp_path / "nowhere")
+
+
+def test_time_to_reach_a_fraction_of_the_final_speed():
+    from slimc.codegen.tune import TuneSummary
+    summary = TuneSummary(tasks=1, tuned=1, skipped=0, trials=3, records=3, seconds=9.0,
+                          history=[(1.0, 10.0), (2.0, 5.0), (4.0, 4.4), (8.0, 4.0)])
+    # 90 % of the final speed: latency <= 4.0 / 0.9 = 4.44 ms, first reached at 4 s
+    assert summary.seconds_to_reach(0.9) == 4.0
+    assert summary.seconds_to_reach(0.5) == 2.0
+    assert TuneSummary(tasks=1, tuned=0, skipped=1, trials=0, records=0,
+                       seconds=0.0).seconds_to_reach() is None
+
+
+def test_tuning_fills_in_the_core_count_only_for_this_cpu():
+    from slimc.codegen.tune import _with_core_count
+    host = tvm.target.Target({"kind": "llvm", "mcpu": TARGET.attrs["mcpu"]})
+    assert int(_with_core_count(host).attrs["num-cores"]) >= 1
+    cross = resolve_target("arm")
+    with pytest.raises(OptionError, match="core count"):
+        tune(_small_model()[0], cross, trials=1, db="/nonexistent/never-created")
+    assert int(_with_core_count(resolve_target("arm", num_cores=3)).attrs["num-cores"]) == 3
+    assert int(_with_core_count(resolve_target("arm", board="rpi4")).attrs["num-cores"]) == 4
+
+
+def test_arm_board_presets(capfd):
+    from slimc.codegen.targets import ARM_BOARDS
+    g3 = resolve_target("arm", board="graviton3")
+    assert g3.attrs["mcpu"] == "neoverse-v1"
+    assert {"+dotprod", "+i8mm", "+sve"} <= set(g3.attrs["mattr"])
+    # explicit options override the preset
+    assert "+dotprod" not in set(resolve_target("arm", board="rpi5", dotprod=False)
+                                 .attrs["mattr"])
+    assert int(resolve_target("arm", board="rpi5", num_cores=2).attrs["num-cores"]) == 2
+    with pytest.raises(OptionError, match="rpi4"):
+        resolve_target("arm", board="rpi9")
+    with pytest.raises(OptionError, match="num_cores"):
+        resolve_target("arm", num_cores=0)
+    # LLVM knows every preset's CPU (it prints "not a recognized processor" otherwise)
+    A = te.placeholder((64,), name="A")
+    f = te.create_prim_func([A, te.compute((64,), lambda i: A[i] * 2.0, name="B")])
+    for board in ARM_BOARDS:
+        tvm.compile(tvm.IRModule({"main": f}), target=resolve_target("arm", board=board))
+    assert "not a recognized" not in capfd.readouterr().err

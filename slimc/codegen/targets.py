@@ -22,7 +22,18 @@ from ..errors import OptionError, TargetError
 
 NAMES = ("x86", "arm", "cuda")
 # the options each named target takes (resolve_target keyword arguments)
-OPTIONS = {"x86": ("num_cores",), "arm": ("dotprod", "mcpu", "num_cores"), "cuda": ("arch",)}
+OPTIONS = {"x86": ("num_cores",),
+           "arm": ("board", "dotprod", "i8mm", "sve", "mcpu", "num_cores"),
+           "cuda": ("arch",)}
+# named aarch64 boards: the CPU LLVM schedules for, its extensions and (where fixed) its cores
+ARM_BOARDS = {
+    "rpi4": {"mcpu": "cortex-a72", "num_cores": 4},
+    "rpi5": {"mcpu": "cortex-a76", "dotprod": True, "num_cores": 4},
+    "jetson-orin-nano": {"mcpu": "cortex-a78ae", "dotprod": True, "num_cores": 6},
+    "jetson-agx-orin": {"mcpu": "cortex-a78ae", "dotprod": True, "num_cores": 12},
+    "graviton2": {"mcpu": "neoverse-n1", "dotprod": True},
+    "graviton3": {"mcpu": "neoverse-v1", "dotprod": True, "i8mm": True, "sve": True},
+}
 _ARM_TRIPLE = "aarch64-linux-gnu"
 # LLVM feature names of the x86 extensions that matter for Transformer kernels
 _X86_FEATURES = {"avx2": ("avx2",), "avx512f": ("avx512f",), "avx512vnni": ("avx512vnni",),
@@ -70,10 +81,29 @@ def _x86(num_cores: int | None = None) -> tvm.target.Target:
                               "num-cores": num_cores or _available_cores()})
 
 
-def _arm(dotprod: bool = False, mcpu: str | None = None,
+def _arm(board: str | None = None, dotprod: bool | None = None, i8mm: bool | None = None,
+         sve: bool | None = None, mcpu: str | None = None,
          num_cores: int | None = None) -> tvm.target.Target:
-    conf = {"kind": "llvm", "mtriple": _ARM_TRIPLE,
-            "mattr": ["+neon", "+v8.2a", "+dotprod"] if dotprod else ["+neon"]}
+    if board is not None:
+        if board not in ARM_BOARDS:
+            raise OptionError(f"Unknown ARM board {board!r}.",
+                              "Known boards: " + ", ".join(sorted(ARM_BOARDS)) + "; or give "
+                              "mcpu=, dotprod=, i8mm=, sve=, num_cores= yourself.")
+        preset = ARM_BOARDS[board]   # explicit options override the preset
+        dotprod = preset.get("dotprod", False) if dotprod is None else dotprod
+        i8mm = preset.get("i8mm", False) if i8mm is None else i8mm
+        sve = preset.get("sve", False) if sve is None else sve
+        mcpu = mcpu or preset["mcpu"]
+        num_cores = num_cores or preset.get("num_cores")
+    if num_cores is not None and (not isinstance(num_cores, int) or num_cores < 1):
+        raise OptionError(f"num_cores={num_cores!r} is not a positive integer.",
+                          "Pass the device's core count, e.g. num_cores=4.")
+    mattr = ["+neon"]
+    if dotprod or i8mm or sve:
+        mattr.append("+v8.2a")
+    mattr += [f"+{name}" for name, on in (("dotprod", dotprod), ("i8mm", i8mm), ("sve", sve))
+              if on]
+    conf = {"kind": "llvm", "mtriple": _ARM_TRIPLE, "mattr": mattr}
     if mcpu:
         conf["mcpu"] = mcpu
     if num_cores:
@@ -108,8 +138,9 @@ def _cuda(arch: str | None = None) -> tvm.target.Target:
 def resolve_target(target, **options) -> tvm.target.Target:
     """The ``tvm.target.Target`` for ``target`` (a name in :data:`NAMES`, or a TVM target).
 
-    ``options`` go to the named target: ``x86``: ``num_cores``; ``arm``: ``dotprod``, ``mcpu``,
-    ``num_cores``; ``cuda``: ``arch``. TVM targets take no options (put them in the target).
+    ``options`` go to the named target: ``x86``: ``num_cores``; ``arm``: ``board`` (a preset of
+    :data:`ARM_BOARDS`), ``dotprod``, ``i8mm``, ``sve``, ``mcpu``, ``num_cores``; ``cuda``:
+    ``arch``. TVM targets take no options (put them in the target).
     """
     if isinstance(target, tvm.target.Target):
         if options:

@@ -241,6 +241,17 @@ class TuneSummary:
     unfinished: int = 0                 # tasks left when the time budget ran out
     estimated_ms: float | None = None   # Σ weight × best kernel time, over tuned tasks
     per_task: list[TaskStatus] = field(default_factory=list)
+    # (seconds since this call started measuring, estimated_ms) after every measured batch at
+    # which every task had a measured kernel: how the estimate fell during the search
+    history: list[tuple[float, float]] = field(default_factory=list)
+
+    def seconds_to_reach(self, fraction: float = 0.9) -> float | None:
+        """Seconds of this call's search until the kernel estimate first reached ``fraction`` of
+        its final speed (latency <= final / fraction); None without a complete estimate."""
+        if not self.history:
+            return None
+        final = self.history[-1][1]
+        return next(t for t, ms_ in self.history if ms_ <= final / fraction)
 
     def table(self) -> str:
         """A text report: one row per task (most expensive first), then the totals."""
@@ -254,6 +265,10 @@ class TuneSummary:
                     f"{self.trials} trials in {_fmt_time(self.seconds)}; {self.records} records; "
                     f"kernels ≈ {est}" + ("; interrupted" if self.interrupted else "")
                     + (f"; {self.unfinished} tasks left (time budget)" if self.unfinished else ""))
+        reach = self.seconds_to_reach(0.9)
+        if reach is not None:
+            rows.append(f"the kernel estimate reached 90 % of its final speed after "
+                        f"{_fmt_time(reach)} of search")
         return "\n".join(rows)
 
 
@@ -468,6 +483,25 @@ def _default_runner():
     return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=config)
 
 
+def _with_core_count(target: Target) -> Target:
+    """MetaSchedule sizes parallel loops by the target's ``num-cores`` and fails deep inside the
+    search without it: fill it in for this machine's CPU, ask for it for any other device."""
+    if int(target.attrs.get("num-cores", 0) or 0) > 0:
+        return target
+    from .targets import _available_cores
+    triple = str(target.attrs.get("mtriple", "") or "")
+    host = tvm.target.codegen.llvm_get_system_triple()
+    if triple and triple.split("-")[0] != host.split("-")[0]:
+        raise OptionError(
+            f"Tuning for {triple} needs the core count of the device that measures the kernels "
+            f"(the target has no num-cores).",
+            "Pass it: resolve_target('arm', num_cores=4) / a board preset such as "
+            "resolve_target('arm', board='rpi4'), or `slimc tune --num-cores 4`.")
+    conf = dict(target.export())
+    conf["num-cores"] = _available_cores()
+    return Target(conf)
+
+
 def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
          seconds: float | None = None, progress: bool = True, runner=None,
          seed: int | None = None) -> TuneSummary:
@@ -486,6 +520,7 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
     if trials is not None and trials < 1 or seconds is not None and seconds <= 0:
         raise OptionError(f"A tuning budget must be positive (trials={trials}, "
                           f"seconds={seconds}).", "Pass trials=N and/or seconds=S.")
+    target = _with_core_count(target)
     start = time.monotonic()
     path = Path(db)
     database = open_database(path)
@@ -565,6 +600,9 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
                         best = min(good) * 1e3
                         s.best_ms = best if s.best_ms is None else min(s.best_ms, best)
                     save(i)
+                    if all(t.best_ms is not None for t in statuses):
+                        summary.history.append((time.monotonic() - clock,
+                                                estimated_ms(statuses)))
                     bar.update(i, s, todo_trials - (summary.trials))
                     return stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
 
@@ -616,14 +654,15 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
 
 def tune_graph(graph, target="x86", *, db, trials: int | None = None,
                seconds: float | None = None, input_shapes: dict | None = None,
-               target_options: dict | None = None, progress: bool = True) -> TuneSummary:
+               target_options: dict | None = None, progress: bool = True,
+               runner=None) -> TuneSummary:
     """:func:`tune` for a :class:`slimc.Graph` (or ONNX ModelProto) and a slimc target name, as
     ``slimc.compile`` takes them: what ``slimc tune`` runs."""
     from .build import to_relax
     from .targets import resolve_target
     tgt = resolve_target(target, **(target_options or {}))
     mod, _, _ = to_relax(graph, input_shapes)
-    return tune(mod, tgt, db=db, trials=trials, seconds=seconds, progress=progress)
+    return tune(mod, tgt, db=db, trials=trials, seconds=seconds, progress=progress, runner=runner)
 
 
 # -- applying a database ---------------------------------------------------------------------
@@ -659,4 +698,6 @@ def database_hook(db) -> Callable[[tvm.IRModule, Target], tvm.IRModule]:
 
 def summary_json(summary: TuneSummary) -> dict:
     """A JSON-friendly dict of a :class:`TuneSummary` (for the CLI's report)."""
-    return asdict(summary)
+    out = asdict(summary)
+    out["seconds_to_90_percent"] = summary.seconds_to_reach(0.9)
+    return out
