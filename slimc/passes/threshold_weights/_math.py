@@ -23,7 +23,10 @@ from ...errors import OptionError, PassError
 # Kinds of weight use a pass may edit; "other" (LayerNorm, bias, add, an op we do not model) never.
 KINDS = ("linear", "conv", "embedding")
 DEFAULT_KINDS = frozenset({"linear", "conv"})
-IMPORTANCES = ("magnitude", "taylor")
+IMPORTANCES = ("magnitude", "taylor", "wanda", "sparsegpt")
+# importances computed from calibration batches; the last two read the inputs X of Linears
+CALIBRATED = ("taylor", "wanda", "sparsegpt")
+ACTIVATION_BASED = ("wanda", "sparsegpt")
 SCOPES = ("per_layer", "global")
 
 
@@ -140,12 +143,21 @@ def parse_options(*, tau=None, sparsity=None, scope=None, importance="magnitude"
     if scope is not None and scope not in SCOPES:
         raise OptionError(f"scope={scope!r} is unknown.",
                           f"Use one of {', '.join(map(repr, SCOPES))}.")
-    if importance == "taylor" and not calib:
-        raise OptionError("importance='taylor' needs calibration batches.",
+    if importance in CALIBRATED and (calib is None or (hasattr(calib, "__len__")
+                                                       and len(calib) == 0)):
+        raise OptionError(f"importance={importance!r} needs calibration batches (calib= is "
+                          f"{'empty' if calib is not None else 'missing'}).",
                           "Pass calib=[batch, ...], each batch one array per model input.")
-    if importance != "taylor" and (calib is not None or loss is not None):
-        raise OptionError("calib= / loss= are only used by importance='taylor'.",
-                          "Add importance='taylor', or drop calib= and loss=.")
+    if importance not in CALIBRATED and calib is not None:
+        raise OptionError("calib= is only used by importance='taylor', 'wanda' or "
+                          "'sparsegpt'.", "Add one of those importances, or drop calib=.")
+    if importance != "taylor" and loss is not None:
+        raise OptionError("loss= is only used by importance='taylor'.",
+                          "Add importance='taylor', or drop loss=.")
+    if importance in ACTIVATION_BASED and scope == "global":
+        raise OptionError(f"importance={importance!r} compares weights within a layer (Wanda "
+                          "per output row, SparseGPT per block of columns); scope='global' "
+                          "has no meaning for it.", "Drop scope= (per_layer is the default).")
     if loss is not None and not callable(loss):
         raise OptionError("loss= must be a callable loss(outputs, batch_index) -> scalar.",
                           "Pass a function of the list of output tensors, or drop loss= to "
@@ -166,7 +178,7 @@ def parse_options(*, tau=None, sparsity=None, scope=None, importance="magnitude"
         if importance != "magnitude":
             raise OptionError("tau= thresholds magnitudes; it cannot be combined with "
                               f"importance={importance!r}.",
-                              "Use sparsity= (or pattern=) with importance='taylor'.")
+                              f"Use sparsity= (or pattern=) with importance={importance!r}.")
         conflicts = [k for k, v in (("block", block), ("scope", scope)) if v is not None]
         if conflicts:
             raise OptionError(f"tau= cannot be combined with {' / '.join(conflicts)}=.",
@@ -227,6 +239,10 @@ def select(uses: dict[str, list[Use]], weights: dict[str, np.ndarray],
             skipped[name] = "used with different reduction axes by " + ", ".join(
                 sorted({u.node for u in us}))
             continue
+        if spec.importance in ACTIVATION_BASED and kinds != {"linear"}:
+            skipped[name] = (f"importance={spec.importance!r} needs the inputs of a Linear; "
+                             f"{', '.join(sorted(kinds - {'linear'}))} weights are left alone")
+            continue
         kind = "linear" if "linear" in kinds else min(kinds)
         targets.append(Target(name, kind, orients.pop()))
     return targets, skipped
@@ -245,6 +261,30 @@ def from_matrix(c: np.ndarray, orientation: str, shape: tuple) -> np.ndarray:
 def magnitude_importance(w: np.ndarray) -> np.ndarray:
     """w² in float64: ranks as |w| does, and adds up over a block to its squared L2 norm."""
     return np.square(w.astype(np.float64))
+
+
+def wanda_importance(c: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Wanda's score on a canonical matrix: S_ij = |C_ij| · ‖X_j‖₂ (float64), X the Linear's
+    input over every calibration token (Sun et al. 2023)."""
+    return np.abs(c.astype(np.float64)) * np.asarray(norm, dtype=np.float64)[None, :]
+
+
+def spread(fraction: float, n_units: int, per_unit: int) -> list[int]:
+    """How many to remove from each of ``n_units`` equal groups of ``per_unit`` so that the total
+    is exactly ``count_for(fraction, n_units · per_unit)``: group u gets
+    count_for(f, (u+1)·p) − count_for(f, u·p), i.e. floor or ceil of f·p, never more than p."""
+    return [count_for(fraction, (u + 1) * per_unit) - count_for(fraction, u * per_unit)
+            for u in range(n_units)]
+
+
+def per_row_drop(imp: np.ndarray, tie: np.ndarray, fraction: float) -> np.ndarray:
+    """Drop-mask of ``imp`` (rows, cols) comparing only within each row (Wanda's per-output
+    comparison group); the rows share the layer's count exactly (see :func:`spread`)."""
+    rows, cols = imp.shape
+    drop = np.zeros(imp.shape, dtype=bool)
+    for r, k in enumerate(spread(fraction, rows, cols)):
+        drop[r] = lowest(imp[r], tie[r], k)
+    return drop
 
 
 def tau_keep(w: np.ndarray, tau: float) -> np.ndarray:
@@ -301,7 +341,7 @@ def expand_blocks(bmask: np.ndarray, br: int, bc: int) -> np.ndarray:
     return np.repeat(np.repeat(bmask, br, axis=0), bc, axis=1)
 
 
-def _check_divisible(name: str, c: np.ndarray, spec: Spec) -> None:
+def check_divisible(name: str, c: np.ndarray, spec: Spec) -> None:
     rows, k = c.shape
     what = "pattern" if spec.mode == "pattern" else "block shape"
     fix = f"Exclude it with exclude=({name!r},), or choose a {what} that divides it."
@@ -326,7 +366,7 @@ def keep_masks(targets: list[Target], weights: dict[str, np.ndarray],
                             "meaning.", "Fix the model's weights, or exclude it with exclude=.")
         mats[t.name] = to_matrix(w, t.orientation)
         imps[t.name] = to_matrix(importance[t.name], t.orientation)
-        _check_divisible(t.name, mats[t.name], spec)
+        check_divisible(t.name, mats[t.name], spec)
 
     keep: dict[str, np.ndarray] = {}
     if spec.mode == "tau":
@@ -348,6 +388,15 @@ def keep_masks(targets: list[Target], weights: dict[str, np.ndarray],
                  for t in targets}
     else:
         units = {t.name: (imps[t.name], np.abs(mats[t.name])) for t in targets}
+    if spec.importance == "wanda":
+        # Wanda compares within an output row (a row of blocks for block sparsity)
+        for t in targets:
+            imp, tie = units[t.name]
+            c = ~per_row_drop(imp, tie, spec.sparsity)
+            if spec.mode == "block":
+                c = expand_blocks(c, *spec.block)
+            keep[t.name] = from_matrix(c, t.orientation, weights[t.name].shape)
+        return keep
     groups = [[t] for t in targets] if spec.scope == "per_layer" else [targets]
     for group in groups:
         if not group:
