@@ -76,6 +76,14 @@ def inspect_graph(g) -> dict:
     blocks = g.attention_blocks()
     params = g.num_parameters()
     nnz = g.nonzeros()
+    # NaN / inf weights are valid ONNX and run, but corrupt every pass that measures weights
+    # (quantize, threshold_weights, factorize_low_rank refuse them): say so up front
+    nonfinite = {}
+    for name, w in g.weights().items():
+        if np.issubdtype(w.dtype, np.floating):
+            bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+            if bad:
+                nonfinite[name] = bad
     return {
         "backend": g.backend,
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
@@ -84,6 +92,7 @@ def inspect_graph(g) -> dict:
         "nonzeros": nnz,
         "sparsity": 0.0 if params == 0 else 1 - nnz / params,
         "serialized_bytes": g.serialized_size(),
+        "nonfinite_weights": nonfinite,
         "attention": [{"layer": b.layer, "name": b.name, "heads": b.num_heads,
                        "kv_heads": b.num_kv_heads, "head_dim": b.head_dim, "form": b.form,
                        "fused_qkv": b.fused_qkv,
@@ -104,6 +113,12 @@ def cmd_inspect(args) -> int:
     print(f"parameters  {info['parameters']:,}  ({_human(info['parameters'])})")
     print(f"sparsity    {info['sparsity']:.1%} zeros")
     print(f"size        {info['serialized_bytes']:,} bytes")
+    bad = info["nonfinite_weights"]
+    if bad:
+        listed = ", ".join(f"{k} ({n})" for k, n in list(bad.items())[:8])
+        print(f"WARNING     {sum(bad.values()):,} non-finite (NaN/inf) weight values in "
+              f"{len(bad)} weight(s): {listed}{' ...' if len(bad) > 8 else ''}; quantize, "
+              "threshold_weights and factorize_low_rank refuse them")
     att = info["attention"]
     total = sum(a["heads"] for a in att)
     print(f"\nattention   {len(att)} blocks, {total} heads")
@@ -225,7 +240,15 @@ def _read_calib(path: str | None, g) -> list[tuple] | None:
         raise OptionError(f"{path}: every input needs the same number of calibration batches "
                           "along axis 0.", "Stack N batches per input: shape (N, *input_shape).")
     n = counts.pop()
-    return [tuple(a[i] for a in stacked) for i in range(n)]
+    batches = [tuple(a[i] for a in stacked) for i in range(n)]
+    from .ir.graph import check_inputs
+    try:  # here, not in whichever pass first runs them, so the message names the file
+        check_inputs(g.input_specs(), batches[0], exact_dtype=g.backend == "onnx")
+    except SlimcError as e:
+        raise type(e)(f"{path}: calibration batch 0: {e.problem}",
+                      "Stack N batches per input: shape (N, *input_shape), the input's "
+                      "dtype.") from None
+    return batches
 
 
 def _pattern_block(args) -> dict:

@@ -11,11 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CaptureError, InputFileError, SlimcError, UnsupportedError
+from ..errors import CaptureError, InputFileError, ShapeError, SlimcError, UnsupportedError
 from .graph import Graph
 
 # ONNX protobufs cannot exceed 2 GiB; above this we save weights as external data.
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _size(model) -> int:
+    from .onnx import serialized_size  # ByteSize() raises over 2 GiB
+    return serialized_size(model)
 
 
 def _to_numpy_inputs(example_inputs) -> tuple[np.ndarray, ...]:
@@ -101,7 +106,7 @@ def _ort_session(model):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
-    if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+    if _size(model) < _EXTERNAL_DATA_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as d:
@@ -119,7 +124,17 @@ def run_onnx(model, inputs) -> list[np.ndarray]:
                                "domains must be removed or replaced.") from e
     names = [i.name for i in sess.get_inputs()]
     feeds = {n: np.ascontiguousarray(x) for n, x in zip(names, inputs)}
-    return [np.asarray(o) for o in sess.run(None, feeds)]
+    try:
+        return [np.asarray(o) for o in sess.run(None, feeds)]
+    except Exception as e:  # onnxruntime's own exception types; the message says what
+        text = " ".join(str(e).split())[:400]
+        if "INVALID_ARGUMENT" in text:
+            raise ShapeError(f"onnxruntime rejects the inputs: {text}",
+                             "Give one array per model input with the shape and dtype of "
+                             "graph.input_specs().") from e
+        raise UnsupportedError(f"onnxruntime failed running this model: {text}",
+                               "Check the model with `slimc inspect`; a node may be invalid "
+                               "for the shapes it gets.") from e
 
 
 def load(path) -> Graph:
@@ -178,28 +193,128 @@ def _load_onnx(path: Path) -> Graph:
     if not model.graph.node and not model.graph.output:
         raise InputFileError(f"{path} parses but holds no graph (no nodes, no outputs): it is "
                              "not an ONNX model or it is corrupt.", "Re-export the model.")
+    _check_opset(model, path)
+    _check_structure(model, path)
+    _check_input_dims(model, path)
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    external = any(uses_external_data(t) for t in model.graph.initializer)
     try:
-        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-        if any(uses_external_data(t) for t in model.graph.initializer):
-            load_external_data_for_model(model, str(path.parent))
-    except Exception as e:  # OSError, or onnx's ValidationError for a missing/odd file
-        raise InputFileError(
-            f"{path} refers to external weight data that cannot be read: {e}.",
-            "Keep the .onnx file next to its external data file(s), with their original "
-            "names.") from e
-    try:
-        if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(path))
+        # before the external data is read: the checker on the file checks the references
+        # (files exist, stay inside the model's folder) without holding the weights twice
+        onnx.checker.check_model(str(path) if external else model)
     except Exception as e:
         raise InputFileError(
-            f"{path} is not a valid ONNX model: {str(e).strip().splitlines()[0][:400]}",
+            f"{path} is not a valid ONNX model: {' '.join(str(e).split())[:400]}",
             "Fix the model (onnx.checker.check_model names the offending node) or re-export "
             "it.") from e
+    if external:
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:  # OSError, or onnx's ValidationError for a missing/odd file
+            raise InputFileError(
+                f"{path} refers to external weight data that cannot be read: {e}.",
+                "Keep the .onnx file next to its external data file(s), with their original "
+                "names.") from e
+    _check_initializer_sizes(model, path)
     if not model.graph.output:
         raise InputFileError(f"{path} has no graph outputs.", "Re-export the model.")
     return Graph("onnx", model, history=["load"])
+
+
+def _check_opset(model, path: Path) -> None:
+    import onnx
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > newest:
+            raise UnsupportedError(
+                f"{path} uses ONNX opset {op.version}, newer than the newest this onnx "
+                f"{onnx.__version__} knows ({newest}).",
+                f"Re-export the model with opset_version <= {newest}.")
+
+
+def _check_structure(model, path: Path) -> None:
+    """Every value a node reads is made somewhere, and the nodes form no cycle (the checker
+    says only "not topologically sorted" for both)."""
+    g = model.graph
+    known = {v.name for v in g.input} | {t.name for t in g.initializer} | {""}
+    known |= {t.values.name for t in g.sparse_initializer}
+    producer = {out: k for k, n in enumerate(g.node) for out in n.output if out}
+    for k, n in enumerate(g.node):
+        for name in n.input:
+            if name not in known and name not in producer:
+                raise InputFileError(
+                    f"{path}: node {n.name or k!r} ({n.op_type}) reads {name!r}, which no node, "
+                    "graph input or initializer produces (a dangling input or a missing "
+                    "initializer).", "Re-export the model; a tool that removed nodes or "
+                    "initializers left the graph broken.")
+    for out in g.output:
+        if out.name not in known and out.name not in producer:
+            raise InputFileError(f"{path}: graph output {out.name!r} is made by no node.",
+                                 "Re-export the model.")
+    deps = [{producer[i] for i in n.input if i in producer} for n in g.node]
+    users: dict[int, list[int]] = {}
+    for k, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(k)
+    waiting = [len(d) for d in deps]
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    done = 0
+    while ready:
+        k = ready.pop()
+        done += 1
+        for u in users.get(k, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if done < len(g.node):
+        stuck = [g.node[k].name or f"#{k} {g.node[k].op_type}" for k, w in enumerate(waiting)
+                 if w > 0]
+        raise InputFileError(
+            f"{path}: the graph has a cycle: nodes {', '.join(map(repr, stuck[:6]))}"
+            f"{' ...' if len(stuck) > 6 else ''} wait on each other's outputs.",
+            "An ONNX graph must be acyclic; re-export the model.")
+
+
+def _check_input_dims(model, path: Path) -> None:
+    init = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value <= 0:
+                raise ShapeError(
+                    f"{path}: input {vi.name!r} has dimension {d.dim_value} on axis {axis}; "
+                    "slimc needs every fixed dimension to be positive (a 0-sized input holds no "
+                    "data to check, calibrate or compile with).",
+                    "Re-export the model with a positive size there, or a symbolic "
+                    "dimension.")
+
+
+def _check_initializer_sizes(model, path: Path) -> None:
+    """Raw weight bytes must match the declared shape (a corrupt file can declare anything)."""
+    import onnx
+    from onnx import helper
+    for t in model.graph.initializer:
+        if any(d < 0 for d in t.dims):
+            raise InputFileError(f"{path}: weight {t.name!r} has a negative dimension "
+                                 f"{list(t.dims)}.", "The file is corrupt; re-export it.")
+        if not t.HasField("raw_data"):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except Exception as e:  # an unknown or undefined element type
+            raise InputFileError(f"{path}: weight {t.name!r} has an unknown element type "
+                                 f"({t.data_type}).", "The file is corrupt; re-export it.") \
+                from e
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                           onnx.TensorProto.FLOAT4E2M1):
+            continue  # packed two to a byte
+        want = int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        if len(t.raw_data) != want:
+            raise InputFileError(
+                f"{path}: weight {t.name!r} declares shape {list(t.dims)} ({want} bytes) but "
+                f"holds {len(t.raw_data)} bytes.", "The file is truncated or corrupt; "
+                "re-export it.")
 
 
 def _atomic_target(path: Path):
@@ -215,7 +330,7 @@ def _save_onnx(model, path) -> None:
     path = Path(path)
     tmp = _atomic_target(path)
     try:
-        if model.ByteSize() < _EXTERNAL_DATA_THRESHOLD:
+        if _size(model) < _EXTERNAL_DATA_THRESHOLD:
             tmp.write_bytes(model.SerializeToString())
             os.replace(tmp, path)
             return

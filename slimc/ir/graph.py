@@ -143,7 +143,7 @@ class Graph:
         """Run on the reference executor (torch for FX, onnxruntime for ONNX); flat outputs."""
         if not inputs:
             inputs = self.sample_inputs()
-        check_inputs(self.input_specs(), inputs)
+        check_inputs(self.input_specs(), inputs, exact_dtype=self.backend == "onnx")
         if self.backend == "fx":
             from .capture import run_fx
             return run_fx(self.native, inputs)
@@ -234,7 +234,18 @@ def random_inputs(specs: list[TensorSpec], seed: int = 0,
     return tuple(out)
 
 
-def check_inputs(specs: list[TensorSpec], inputs) -> None:
+def _dtype_kind(dtype) -> str | None:
+    try:
+        kind = np.dtype(dtype).kind
+    except TypeError:  # a torch dtype numpy lacks (bfloat16): not checked
+        return None
+    return "i" if kind == "u" else kind
+
+
+def check_inputs(specs: list[TensorSpec], inputs, *, exact_dtype: bool = False) -> None:
+    """Raise :class:`ShapeError` unless ``inputs`` fit ``specs``: their number, ranks, fixed
+    dimensions and element kinds (float / integer / bool); with ``exact_dtype`` (onnxruntime
+    accepts nothing else) the exact element type."""
     if len(inputs) != len(specs):
         raise ShapeError(
             f"The model takes {len(specs)} input(s) ({', '.join(s.name for s in specs)}) but "
@@ -248,3 +259,9 @@ def check_inputs(specs: list[TensorSpec], inputs) -> None:
                 f"Input {spec.name!r} has shape {shape}, but the model expects "
                 f"{tuple(spec.shape)}.",
                 "Reshape the input, or capture/export the model with inputs of this shape.")
+        got = np.asarray(x).dtype if not hasattr(x, "detach") else None
+        want = _dtype_kind(spec.dtype)
+        if got is not None and want is not None and (
+                _dtype_kind(got) != want or exact_dtype and got.name != spec.dtype):
+            raise ShapeError(f"Input {spec.name!r} has dtype {got.name}, but the model expects "
+                             f"{spec.dtype}.", f"Convert it, e.g. x.astype(numpy.{spec.dtype}).")

@@ -182,4 +182,17 @@ def op_histogram(model: onnx.ModelProto) -> Counter:
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 - protobuf refuses to size a message over 2 GiB: add up
+        shell = onnx.ModelProto()
+        shell.CopyFrom(model)
+        shell.graph.ClearField("initializer")
+        return shell.ByteSize() + sum(_tensor_size(t) for t in model.graph.initializer)
+
+
+def _tensor_size(t: onnx.TensorProto) -> int:
+    try:
+        return t.ByteSize() + 8  # field tag and length
+    except Exception:  # noqa: BLE001 - one tensor over 2 GiB: its bytes dominate
+        return len(t.raw_data) + 16 + 8 * len(t.dims) + len(t.name)

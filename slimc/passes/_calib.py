@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import OptionError
+from ..errors import OptionError, UnsupportedError
 from ..ir.graph import check_inputs
 
 
@@ -155,7 +155,13 @@ def _run_onnx(model, values: list[str], batches, visit) -> None:
     # basic optimisations only: fusions must not make the values we read disappear
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types (unknown op, bad node)
+        raise UnsupportedError(f"onnxruntime cannot run this model to calibrate it: "
+                               f"{' '.join(str(e).split())[:400]}",
+                               "Check the model with `slimc inspect`; unsupported ops or "
+                               "domains must be removed or replaced.") from e
     names = [o.name for o in sess.get_outputs()]
     for batch in batches:
         if len(batch) != len(inputs):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import SlimcError, UnsupportedError
+from ...errors import PassError, SlimcError, UnsupportedError
 from ...ir.graph import Graph
 from ..registry import Lossy, PassResult, register_pass
 from . import _math
@@ -107,6 +107,12 @@ def factorize_low_rank(g: Graph, /, *, rank: int | None = None, energy: float | 
         if not np.issubdtype(m.dtype, np.floating):
             skipped[wname] = f"not floating point ({m.dtype})"
             continue
+        if not np.isfinite(m).all():  # LAPACK fails on NaN and returns garbage for inf
+            raise PassError(f"factorize_low_rank: weight {wname!r} holds "
+                            f"{int(np.size(m) - np.isfinite(m).sum())} non-finite value(s) "
+                            "(NaN or infinite); its SVD has no meaning.",
+                            "Fix the model's weights, or leave this one alone with "
+                            "exclude=[...].")
         f = _math.factorize(m, spec)
         if f is None:
             skipped[wname] = "all zeros"

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...errors import PassError
 from ...ir.graph import Graph, check_inputs
 from ..registry import Lossy, PassResult, register_pass
 from . import _math
@@ -63,7 +64,7 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
                                symmetric=symmetric, bits=bits, percentile=percentile, ops=ops,
                                exclude=exclude)
     batches = _math.check_batches(calib, spec)
-    if batches and g.example_inputs is not None:
+    if batches and (g.example_inputs is not None or g.backend == "onnx"):
         for b in batches:
             check_inputs(g.input_specs(), b)
     surgery = _surgery(g)
@@ -76,6 +77,15 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
                    "qdq_pairs": 0}
     if not targets:
         return PassResult(g, False, stats)
+    # non-finite weights would otherwise surface as NaN activations, blamed on the calibration
+    bad = {t.weight: int(np.size(w) - np.isfinite(w).sum()) for t in targets
+           if t.weight is not None
+           for w in [surgery.weight_array(g.native, t)] if not np.isfinite(w).all()}
+    if bad:
+        raise PassError(f"quantize: weight(s) {', '.join(f'{k!r} ({n})' for k, n in bad.items())} "
+                        "hold non-finite values (NaN or infinite); their quantization scales "
+                        "would be meaningless.", "Fix the model's weights, or leave them in "
+                        "float with exclude=[...].")
     values = list(dict.fromkeys(v for t in targets for v in t.inputs))
     act: dict[str, _math.QParams | None] = dict.fromkeys(values)
     if spec.activations == "static":
