@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .errors import InputFileError, OptionError
 
-_TOP_KEYS = ("name", "description", "passes", "compile")
+_TOP_KEYS = ("name", "description", "passes", "compile", "on_no_match")
 _COMPILE_KEYS = ("target", "db", "trials", "seconds", "input_shapes")
 # options that carry data, not configuration: given to apply(), never written in a recipe
 _DATA_OPTIONS = ("calib", "data", "teacher")
@@ -42,6 +42,8 @@ class Recipe:
     compile: dict = field(default_factory=dict)
     name: str = "recipe"
     description: str = ""
+    # "error": a pass asked for a change that matches nothing stops the recipe; "warn": it warns
+    on_no_match: str = "error"
 
     @classmethod
     def load(cls, path) -> Recipe:
@@ -90,7 +92,9 @@ class Recipe:
         name = data.get("name", Path(source).stem)
         if not isinstance(name, str):
             raise OptionError(f"{source}: 'name' must be a string.", "Quote it.")
-        return cls(out, comp, name, str(data.get("description", "")))
+        from .passes._no_match import check_policy
+        policy = check_policy(data.get("on_no_match", "error"))
+        return cls(out, comp, name, str(data.get("description", "")), policy)
 
     def apply(self, graph, *, calib=None, check_inputs=None, instruments=()):
         """Run the passes; returns ``(graph, report)``. ``calib`` is handed to every pass that
@@ -102,12 +106,15 @@ class Recipe:
             if calib is not None and "calib" in get_pass(pname).options:
                 opts.setdefault("calib", calib)
             steps.append((pname, opts))
-        return PassManager(steps, instruments=instruments).run(graph, check_inputs=check_inputs)
+        return PassManager(steps, instruments=instruments, on_no_match=self.on_no_match).run(
+            graph, check_inputs=check_inputs)
 
 
 def _check_step(source: str, index: int, info, options: dict) -> None:
     valid = [o for o in info.options if o not in _DATA_OPTIONS]
     for key, value in options.items():
+        if key == "on_no_match":  # every pass takes it (slimc.passes._no_match)
+            continue
         if key in _DATA_OPTIONS and key in info.options:
             raise OptionError(f"{source}: pass {info.name} option {key!r} carries data and "
                               "cannot be written in a recipe.",

@@ -17,8 +17,9 @@ from zoo import TS_EXPORTABLE, ZOO, to_onnx
 
 import slimc
 from slimc import passes
-from slimc.errors import OptionError
+from slimc.errors import OptionError, UnsupportedError
 from slimc.passes import PassManager
+from slimc.passes._no_match import NoMatchWarning
 from slimc.passes.fuse import DEFAULT, ONNXRUNTIME, ORT, SPLIT_QKV, Op, Refusal, Rule, Var, _math
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -653,7 +654,12 @@ def test_fuse_leaves_its_input_alone():
 @pytest.mark.parametrize("name,kind", [("bert", "dynamo"), ("bert", "ts"), ("gpt2", "fx")])
 def test_no_rule_fires_graph_unchanged(name, kind):
     g = _zoo_graph(name, kind)
-    g2, stats = _fuse(g, rules=["fold_batchnorm"])
+    # rules named explicitly that match nothing: an error by default (no silent no-op),
+    # the unchanged graph and a warning on request
+    with pytest.raises(UnsupportedError, match="matched nothing"):
+        passes.fuse(g, rules=["fold_batchnorm"])
+    with pytest.warns(NoMatchWarning):
+        g2, stats = _fuse(g, rules=["fold_batchnorm"], on_no_match="warn")
     assert stats["fired"] == {}
     _assert_unchanged(g, g2)
 

@@ -15,6 +15,7 @@ options are its identity setting, and otherwise only reported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OptionError, PassError, SlimcError
+from . import _no_match
 from .registry import Exact, Instrument, Lossy, PassResult, as_graph, get_pass, global_instruments
 
 # ---------------------------------------------------------------------------------------------
@@ -250,11 +252,16 @@ class PassManager:
     ``PassManager([("cleanup", {}), my_fn], instruments=[Verify()])``;
     ``graph, report = pm.run(g, check_inputs=[(x,), ...])``. ``instruments`` run before and after
     every pass, after the ones switched on for all passes (``instrument_all_passes``).
+    ``on_no_match``: ``"error"`` (a pass asked for a change that matches nothing raises),
+    ``"warn"`` (it warns and the pipeline goes on), or None (the surrounding policy, by default
+    ``"error"``); one step may override it with its own ``on_no_match`` option.
     """
 
-    def __init__(self, passes: Sequence, *, instruments: Sequence[Instrument] = ()):
+    def __init__(self, passes: Sequence, *, instruments: Sequence[Instrument] = (),
+                 on_no_match: str | None = None):
         self.steps = [self._resolve(p) for p in passes]
         self.instruments = list(instruments)
+        self.on_no_match = None if on_no_match is None else _no_match.check_policy(on_no_match)
 
     @property
     def names(self) -> list[str]:
@@ -310,6 +317,13 @@ class PassManager:
                             "Pass one array per model input, in order, for each check.") from e
         baseline = _measure(g)
         previous, rows, ran = original, [], []
+        policy = _no_match.on_no_match(self.on_no_match) if self.on_no_match else \
+            contextlib.nullcontext()
+        with policy:
+            g, rows = self._run_steps(g, unwrap, batches, original, previous, rows, ran)
+        return unwrap(g), Report(baseline, rows)
+
+    def _run_steps(self, g, unwrap, batches, original, previous, rows, ran):
         for step in self.steps:
             result, seconds = self._run_step(step, g, ran, unwrap)
             outputs = self._outputs(step, result.graph, batches, ran)
@@ -317,7 +331,7 @@ class PassManager:
             rows.append(row)
             ran.append(step.name)
             g, previous = result.graph, outputs
-        return unwrap(g), Report(baseline, rows)
+        return g, rows
 
     def _run_step(self, step: _Step, g, ran: list[str], unwrap):
         instruments = [*(() if step.registered else global_instruments()), *self.instruments]
@@ -441,7 +455,7 @@ def _check_options(info, options: dict) -> None:
     if impl is not None and any(p.kind == inspect.Parameter.VAR_KEYWORD
                                 for p in inspect.signature(impl).parameters.values()):
         return
-    unknown = sorted(set(options) - set(info.options))
+    unknown = sorted(set(options) - set(info.options) - {"on_no_match"})
     if unknown:
         raise OptionError(f"Pass {info.name} has no option {', '.join(map(repr, unknown))}.",
                           f"Its options: {', '.join(info.options) or '(none)'}.")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import OptionError, SlimcError
+from . import _no_match
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ def register_pass(name: str | None = None, *, contract: Exact | Lossy):
 
         @functools.wraps(impl)
         def run(g, /, **options) -> PassResult:
+            # on_no_match: what to do when the options ask for a change that matches nothing
+            policy = options.pop("on_no_match", None)
+            if policy is not None:
+                _no_match.check_policy(policy)
             graph, unwrap = as_graph(g)
             for inst in tuple(_INSTRUMENTS):
                 inst.before(pname, graph)
@@ -117,6 +122,7 @@ def register_pass(name: str | None = None, *, contract: Exact | Lossy):
             if not isinstance(result, PassResult):
                 raise SlimcError(f"Pass {pname} returned {type(result).__name__}, not a "
                                  "PassResult.", "Return PassResult(graph, modified, stats).")
+            _no_match.check(pname, options, result.stats, graph, policy)
             result.graph.history = list(graph.history) + [pname]
             result.graph.last_stats = dict(result.stats)
             for inst in tuple(_INSTRUMENTS):

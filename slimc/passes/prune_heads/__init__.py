@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import OptionError, UnsupportedError
+from ...errors import OptionError
 from ..registry import Lossy, PassResult, register_pass
 from . import _math
 
@@ -33,6 +33,21 @@ def _check_ratio(ratio) -> float:
                           "Pass the fraction of heads to remove, e.g. 0.3; 1 would remove "
                           "every head.")
     return float(ratio)
+
+
+def _why_no_attention(graph) -> str:
+    """Why discovery found nothing, when the graph has attention-like ops at all."""
+    hist = graph.op_histogram()
+    cores = {k: v for k, v in hist.items()
+             if k.split("::")[-1].split(".")[0] in ("Softmax", "softmax", "_softmax",
+                                                   "_safe_softmax", "Attention",
+                                                   "MultiHeadAttention", "GroupQueryAttention",
+                                                   "scaled_dot_product_attention")}
+    if not cores:
+        return "Discovery found no attention block: the graph has no softmax or attention op."
+    return (f"Discovery found no attention block: the graph has {', '.join(f'{k}×{v}' for k, v in cores.items())}, but none reads "
+            "queries, keys and values that come from linear projections (weights that are "
+            "graph constants) with an output projection after it.")
 
 
 def apply_plans(graph, plans: list) -> None:
@@ -92,11 +107,9 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
         raise OptionError("Pass either heads={...} or ratio=..., not both.",
                           "heads names the heads to remove; ratio picks them by score.")
     blocks = graph.attention_blocks()
-    if not blocks:
-        raise UnsupportedError("The model has no attention block slimc can find, so there are "
-                               "no heads to prune.",
-                               "Check graph.attention_blocks(); the model must compute "
-                               "softmax(q kᵀ) v (or SDPA) from linear projections.")
+    if not blocks:  # the registry raises (or warns) naming what the graph has instead
+        return PassResult(graph, False, {"matched": 0, "changed": 0,
+                                         "no_match_detail": _why_no_attention(graph)})
     scores = None
     if heads is None and ratio is None:
         raise OptionError("prune_heads needs heads={layer: [head, ...]} or ratio=...",
@@ -119,6 +132,8 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
     params_before = graph.num_parameters()
     flops_before = None
     stats = {
+        "matched": len(blocks),
+        "changed": len(plans),
         "heads_before": {b.layer: b.num_heads for b in blocks},
         "removed": {p.layer: list(p.removed) for p in plans},
         "params_before": params_before,
