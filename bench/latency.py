@@ -6,6 +6,10 @@ onnxruntime, torch eager and torch.compile, in one run on this machine.
     .venv/bin/python bench/latency.py --model bert-tiny      # 2 layers, hidden 128
     .venv/bin/python bench/latency.py --tune-seconds 600 --db build/tune-db
 
+With ``--tune-seconds`` the tuning runs in ``--checkpoints`` slices (default 4) and the model is
+compiled and timed after each slice: the curve gives the tuning time to reach 90 % of the final
+speed (measured end to end, at checkpoint resolution; default schedules at time 0).
+
 Every variant runs the same inputs; the rounds are interleaved (one call of each variant per
 round, in a shuffled order, after a short pause), so load from other processes falls on all of
 them alike; the table gives medians and the slowdown against onnxruntime. The untuned TVM build is hundreds of times slower; it runs
@@ -125,6 +129,44 @@ def tvm_variant(graph, inputs, tune):
     return (lambda: main(*args)), seconds
 
 
+def tune_with_checkpoints(graph, inputs, db: str, seconds: float, checkpoints: int,
+                          runs: int = 15) -> str:
+    """Tune in ``checkpoints`` equal time slices (each resumes the last), compiling the model
+    after each; then time all the builds in interleaved rounds (so load falls on them alike):
+    when did tuning reach 90 % of its final speed?"""
+    import random
+
+    from slimc.codegen.schedules import apply_default_schedules
+    from slimc.codegen.tune import database_hook, tune_graph
+    builds = [(0.0, tvm_variant(graph, inputs, apply_default_schedules)[0])]  # time 0: defaults
+    spent = 0.0
+    for k in range(checkpoints):
+        start = time.perf_counter()
+        summary = tune_graph(graph, "x86", seconds=seconds / checkpoints, db=db,
+                             progress=False)
+        spent += time.perf_counter() - start   # wall time of the slice, setup included
+        builds.append((spent, tvm_variant(graph, inputs, database_hook(db))[0]))
+        print(f"checkpoint {k + 1}/{checkpoints}: {spent:.0f} s of tuning, "
+              f"{summary.trials} trials", flush=True)
+    times: list[list[float]] = [[] for _ in builds]
+    order = list(range(len(builds)))
+    for _ in range(runs + 1):   # the first round warms up
+        random.shuffle(order)
+        for i in order:
+            time.sleep(_SETTLE)
+            t = time.perf_counter()
+            builds[i][1]()
+            times[i].append(time.perf_counter() - t)
+    curve = [(t, float(np.median(ts[1:])) * 1e3) for (t, _), ts in zip(builds, times)]
+    final = curve[-1][1]
+    # 90 % of the final speed: latency <= final / 0.9, at checkpoint resolution
+    reach = next(t for t, ms in curve if ms <= final / 0.9)
+    print("tuning curve (s of tuning, model median ms): "
+          + ", ".join(f"({t:.0f}, {ms:.2f})" for t, ms in curve))
+    return (f"tuning {spent:.0f} s in {checkpoints} slices; 90 % of final speed after "
+            f"{reach:.0f} s; ")
+
+
 def _first(out) -> np.ndarray:
     if isinstance(out, np.ndarray):
         return out
@@ -150,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-seconds", type=float, default=None)
     ap.add_argument("--db", default=None, help="tuning database directory: tuned into with "
                     "--tune-trials/--tune-seconds, else only used")
+    ap.add_argument("--checkpoints", type=int, default=4,
+                    help="with --tune-seconds: tune in this many slices, timing the model after "
+                    "each, to find when tuning reached 90 %% of its final speed (1: one slice)")
     ap.add_argument("--no-torch-compile", action="store_true")
     args = ap.parse_args(argv)
 
@@ -190,7 +235,10 @@ def main(argv=None) -> int:
             from slimc.codegen.tune import count_records, database_hook, tune_graph
             db = args.db or str(Path(tmp) / "db")
             note = ""
-            if args.tune_trials or args.tune_seconds:
+            if args.tune_seconds and args.checkpoints > 1:
+                note = tune_with_checkpoints(graph, inputs, db, args.tune_seconds,
+                                             args.checkpoints)
+            elif args.tune_trials or args.tune_seconds:
                 start = time.perf_counter()
                 summary = tune_graph(graph, "x86", trials=args.tune_trials,
                                      seconds=args.tune_seconds, db=db)
