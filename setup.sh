@@ -19,5 +19,13 @@ if [ "${1:-}" = "--test" ]; then
     # tests/test_arm.py: qemu-user, the aarch64 cross compiler and an aarch64 sysroot with
     # numpy + TVM's runtime in .cache/arm-sysroot (a no-op once built; apt-get update at most once)
     scripts/setup_arm.sh
+    # tests/test_report.py opens the HTML report in headless Chromium (Debian's chromium)
+    if ! command -v chromium >/dev/null 2>&1; then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+        echo "setup: installing chromium (apt) ..." >&2
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+                 apt-get install -y -qq chromium >/dev/null; }
+    fi
 fi
 echo "setup: done" >&2

@@ -330,21 +330,23 @@ def cmd_optimize(args) -> int:
     new.save(out)
     print(f"slimc: wrote {out}", file=sys.stderr)
     if args.report:
-        _write_report(args.report, args.model, report)
+        _write_report(args.report, args.model, report, recipe)
     return 0
 
 
-def _write_report(folder: str, model: str, report) -> None:
-    d = Path(folder)
-    d.mkdir(parents=True, exist_ok=True)
-    data = {"model": model, "passes": report.to_dict()}
-    tmp = d / ".report.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, d / "report.json")
-    tmp = d / ".report.md.tmp"
-    tmp.write_text(f"# slimc report: {model}\n\n```\n{report.table()}\n```\n")
-    os.replace(tmp, d / "report.md")
-    print(f"slimc: wrote {d / 'report.json'} and {d / 'report.md'}", file=sys.stderr)
+def _write_report(folder: str, model: str, report, recipe=None) -> None:
+    """``--report DIR``: the page, Markdown and JSON of slimc.report (the pass table, the head
+    scores when prune_heads ranked heads, the recipe's compile target when it names one)."""
+    from .report import write_report
+    target = None
+    if recipe is not None and recipe.compile.get("target"):
+        target = dict(recipe.compile)
+        if target["target"] == "x86":  # what "x86" means on this machine
+            from .codegen import host_cpu
+            target.update(host_cpu())
+    paths = write_report(folder, model=model, report=report, target=target)
+    print(f"slimc: wrote the report {paths['html']} (and report.md, report.json)",
+          file=sys.stderr)
 
 
 def cmd_passes(args) -> int:
@@ -434,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cleanup", action="store_true", help="skip the final cleanup pass")
     s.add_argument("--no-check", action="store_true",
                    help="skip the numeric check after each pass")
-    s.add_argument("--report", metavar="DIR", help="write report.json / report.md here")
+    s.add_argument("--report", metavar="DIR",
+                   help="write index.html, report.md, report.json and plots here")
     s.set_defaults(func=cmd_optimize)
 
     s = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
@@ -462,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recover-steps", type=int, default=0,
                    help="distillation steps after pruning (0: none)")
     s.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+    s.add_argument("--report", metavar="DIR",
+                   help="write index.html, report.md, report.json and plots here")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -112,10 +112,11 @@ def _measure(label, graph, art_dir, tok, seq, repeat, ids, mask, torch_fn, steps
     return row
 
 
-def _table(before: dict, after: dict) -> str:
+def _rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
+    """The before/after table's rows: (quantity, original, slimc, change), formatted."""
     def pct(a, b):
         return f"{(b - a) / a:+.1%}" if a else ""
-    lines = [("", "original", "slimc", "change")]
+    lines = []
     fmt_rows = [
         ("attention heads", "heads", "{:d}"),
         ("parameters", "parameters", "{:,}"),
@@ -133,11 +134,38 @@ def _table(before: dict, after: dict) -> str:
         lines.append((label, f.format(a), f.format(b), change))
     lines.append(("metrics computed with", before["metric_executor"], after["metric_executor"],
                   ""))
+    return lines
+
+
+def _table(before: dict, after: dict) -> str:
+    lines = [("", "original", "slimc", "change"), *_rows(before, after)]
     w = [max(len(r[i]) for r in lines) for i in range(4)]
     out = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))
            for r in lines]
     out.insert(1, "  ".join("-" * x for x in w))
     return "\n".join(out)
+
+
+def _write_report(folder: str, results: dict, prune_stats: dict, cpu: dict, seq: int) -> None:
+    """``slimc demo --report DIR``: the before/after table, the head scores of the pruning and
+    the two measured points (original, pruned) of the metrics and latencies."""
+    from .report import write_report
+    before, after = results["original"], results["slimc"]
+    x = "heads removed"
+    points = [(0.0, before, "original"), (1 - after["heads"] / before["heads"], after, "slimc")]
+    accuracy = [{x: f, "WordSim-353 Spearman": r["wordsim"], "polarity accuracy": r["polarity"],
+                 "model": name, "computed with": r["metric_executor"]} for f, r, name in points]
+    latency = [{x: f, "TVM": r["tvm_ms"], "onnxruntime": r["ort_ms"], "torch": r["torch_ms"],
+                "model": name} for f, r, name in points]
+    paths = write_report(
+        folder, model=f"all-MiniLM-L6-v2 (batch 1, sequence {seq})",
+        before_after=[dict(zip(("", "original", "slimc", "change"), r))
+                      for r in _rows(before, after)],
+        head_scores=prune_stats.get("scores"), removed_heads=prune_stats.get("removed"),
+        score=prune_stats.get("score"), accuracy=accuracy, latency=latency,
+        target={"target": "x86", **cpu})
+    print(f"slimc: wrote the report {paths['html']} (and report.md, report.json)",
+          file=sys.stderr)
 
 
 def run_demo(args) -> int:
@@ -164,7 +192,8 @@ def run_demo(args) -> int:
     if args.score != "magnitude":
         calib = [ev.tokenize(tok, [s], seq) for s in ev.lee_background(limit=16)]
     pruned = passes.prune_heads(g, ratio=args.prune, score=args.score, calib=calib)
-    removed = pruned.last_stats.get("removed", {})
+    prune_stats = pruned.last_stats
+    removed = prune_stats.get("removed", {})
 
     if args.recover_steps:
         steps(f"recovering by distillation from the original ({args.recover_steps} steps on "
@@ -201,4 +230,6 @@ def run_demo(args) -> int:
           f"heads → recover(steps={args.recover_steps}) → cleanup; compiled with "
           "slimc.compile(target='x86')\n")
     print(_table(results["original"], results["slimc"]))
+    if getattr(args, "report", None):
+        _write_report(args.report, results, prune_stats, cpu, seq)
     return 0
