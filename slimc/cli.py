@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OptionError, SlimcError
+from .errors import InputFileError, OptionError, SlimcError
 
 
 def _parse_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -351,13 +351,51 @@ def _write_report(folder: str, model: str, report, recipe=None) -> None:
 
 def cmd_passes(args) -> int:
     from . import passes
+    from .passes.fuse import CATALOGUE, SETS, USER_RULES
     rows = []
     for info in passes.list_passes():
         kind = "exact" if info.contract.exact else "lossy"
         summary = info.doc.splitlines()[0] if info.doc else ""
         rows.append([info.name, kind, ", ".join(info.options), summary])
     print(_table(rows, ["pass", "numerics", "options", "summary"]))
+    # fuse's rules, by name as recipes take them (rules = ["DEFAULT", "my_rule"])
+    rows = [[name, "user" if name in USER_RULES else
+             next((s for s, rs in SETS.items() if s != "ORT" and name in rs), ""), rule.doc]
+            for name, rule in CATALOGUE.items()]
+    print()
+    print(_table(rows, ["fusion rule", "set", "summary"]))
     return 0
+
+
+def load_plugins(specs: list[str]) -> None:
+    """Import what registers user passes and fusion rules: each ``--plugin`` (a ``.py`` file or
+    a module name), then the modules installed packages name in the ``slimc.plugins``
+    entry-point group."""
+    import importlib
+    import importlib.metadata
+    import importlib.util
+    found = [(spec, None) for spec in specs]
+    found += [(ep.value, ep) for ep in importlib.metadata.entry_points(group="slimc.plugins")]
+    for spec, ep in found:
+        try:
+            if ep is not None:
+                ep.load()
+            elif spec.endswith(".py"):
+                path = Path(spec)
+                if not path.is_file():
+                    raise InputFileError(f"--plugin {spec}: no such file.", "Check the path.")
+                mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[path.stem] = module
+                mod_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(spec)
+        except SlimcError:
+            raise
+        except Exception as e:
+            raise InputFileError(f"Plugin {spec} failed to import: {type(e).__name__}: {e}",
+                                 "Fix the plugin (run it with python to see the traceback).") \
+                from e
 
 
 def cmd_demo(args) -> int:
@@ -371,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "fast: capture, compress, compile with TVM.")
     p.add_argument("--version", action="version", version=f"slimc {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
+                   help="import a module or file that registers passes or fusion rules "
+                        "(repeatable)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("inspect", help="attention blocks, parameters, sparsity, op histogram")
@@ -478,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        load_plugins(args.plugin)
         return args.func(args)
     except SlimcError as e:
         if args.debug:

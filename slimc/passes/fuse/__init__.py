@@ -15,6 +15,13 @@ Rules are listed, switched off and extended in a few lines::
                  lambda b, m: m["inner"].outputs[0])
     g2 = passes.fuse(g, rules=DEFAULT + twice)
 
+    # ... or registered by name, for recipes (rules = ["DEFAULT", "relu_twice"]) and
+    # `slimc passes --list`
+    @register_rule(pattern=Op("Relu", Op("Relu", Var("x"), name="inner")))
+    def relu_twice(b, m):
+        # relu(relu(x)) -> relu(x): the docstring (or doc=) is its summary
+        return m["inner"].outputs[0]
+
     passes.fuse.run(g).stats["fired"]                 # {"layer_norm": 12, ...}
     for why in passes.fuse.explain(g, "layer_norm"):  # why (not) at each candidate node
         print(why)
@@ -25,7 +32,8 @@ turns merge_qkv's Split into slices that TVM fuses into their readers (bench/fus
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
 
 from ...errors import OptionError
 from ..registry import Exact, PassResult, as_graph, register_pass
@@ -42,19 +50,56 @@ def _host(graph):
     return OnnxHost(graph.native)
 
 
+# the named rule sets a string in ``rules`` may stand for (recipes cannot hold Rule objects)
+SETS = {"DEFAULT": DEFAULT, "ONNXRUNTIME": ONNXRUNTIME, "ORT": ORT, "SPLIT_QKV": SPLIT_QKV}
+# names registered with register_rule, in order (``slimc passes --list`` marks them)
+USER_RULES: list[str] = []
+
+
+def register_rule(name: str | None = None, *, pattern, check: Callable | None = None,
+                  doc: str | None = None) -> Callable[[Callable], Rule]:
+    """Decorator: turn ``replace(builder, match)`` into a :class:`Rule` registered by name.
+
+    The rule joins :data:`CATALOGUE`, so ``passes.fuse(g, rules=[..., "name"])``, a recipe's
+    ``rules = ["DEFAULT", "name"]`` and ``slimc passes --list`` (which marks it "user") find it;
+    the decorated name is the Rule itself, to combine as ``DEFAULT + rule``. It is not added to
+    :data:`DEFAULT`: a rule runs only where it is asked for. ``doc`` defaults to the first line
+    of the docstring. A name already registered for another rule is an error.
+    """
+
+    def wrap(replace: Callable) -> Rule:
+        rname = name or replace.__name__
+        if rname in CATALOGUE or rname in SETS:
+            known = CATALOGUE.get(rname)
+            if known is None or known.replace is not replace:
+                raise OptionError(f"fuse: a rule named {rname!r} is already registered.",
+                                  "Choose another name for your rule.")
+        text = doc if doc is not None else (inspect.getdoc(replace) or "").split("\n")[0]
+        rule = Rule(rname, pattern, replace, check, text)
+        CATALOGUE[rname] = rule
+        if rname not in USER_RULES:
+            USER_RULES.append(rname)
+        return rule
+
+    return wrap
+
+
 def resolve_rules(rules=None, disable: Iterable[str] = ()) -> RuleSet:
-    """The rule set for ``rules`` (a RuleSet, Rules, or rule names from :data:`CATALOGUE`; None
-    means :data:`DEFAULT`) without the rules named in ``disable``."""
+    """The rule set for ``rules`` (a RuleSet, Rules, rule names from :data:`CATALOGUE` or set
+    names from :data:`SETS`; None means :data:`DEFAULT`) without the rules named in
+    ``disable``."""
     if rules is None:
         rules = DEFAULT
     elif isinstance(rules, (Rule, str)):
         rules = [rules]
+    rules = [x for r in rules for x in (SETS[r] if isinstance(r, str) and r in SETS else [r])]
     picked = []
     for r in rules:
         if isinstance(r, str):
             if r not in CATALOGUE:
                 raise OptionError(f"fuse: no rule named {r!r}.",
-                                  f"Known rules: {', '.join(CATALOGUE)}.")
+                                  f"Known rules: {', '.join(CATALOGUE)}; sets: "
+                                  f"{', '.join(SETS)}.")
             r = CATALOGUE[r]
         if not isinstance(r, Rule):
             raise OptionError(f"fuse: rules must be Rule objects or rule names, got "
@@ -141,6 +186,7 @@ def explain(g, rule: Rule | str) -> list[Refusal | str]:
 
 
 fuse.explain = explain
+fuse.register_rule = register_rule
 fuse.rules = rules
 fuse.DEFAULT, fuse.ONNXRUNTIME, fuse.ORT, fuse.SPLIT_QKV = DEFAULT, ONNXRUNTIME, ORT, SPLIT_QKV
 fuse.Rule, fuse.RuleSet, fuse.Op, fuse.Var, fuse.Const, fuse.Alt = (Rule, RuleSet, Op, Var, Const,
@@ -151,7 +197,9 @@ __all__ = [
     "DEFAULT",
     "ONNXRUNTIME",
     "ORT",
+    "SETS",
     "SPLIT_QKV",
+    "USER_RULES",
     "Alt",
     "Builder",
     "Const",
@@ -163,6 +211,7 @@ __all__ = [
     "Var",
     "explain",
     "fuse",
+    "register_rule",
     "resolve_rules",
     "rules",
 ]
