@@ -14,6 +14,7 @@ from .factorize_low_rank import low_rank as low_rank  # noqa: E402
 from .prune_heads import prune_heads as prune_heads  # noqa: E402
 from .fuse import fuse as fuse  # noqa: E402
 from .quantize import quantize as quantize  # noqa: E402
+from .smooth_quant import smooth_quant as smooth_quant  # noqa: E402
 from .fold_fake_quant import fold_fake_quant as fold_fake_quant  # noqa: E402
 
 __all__ = ["Exact", "Lossy", "PassInfo", "PassResult", "as_graph", "get_pass", "list_passes",

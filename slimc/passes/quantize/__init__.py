@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import PassError
+from ...errors import OptionError, PassError
 from ...ir.graph import Graph, check_inputs
 from ..registry import Lossy, PassResult, register_pass
+from ..smooth_quant import smooth as smooth_channels
+from ..smooth_quant._math import parse_alpha
 from . import _math
 
 
@@ -29,7 +31,7 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
              weights: str = "per_channel", activations: str = "static",
              symmetric: bool = True, bits: int = 8, percentile: float = 99.99,
              ops: Sequence[str] = ("linear", "matmul"),
-             exclude: Sequence[str] = ()) -> PassResult:
+             exclude: Sequence[str] = (), smooth: float | None = None) -> PassResult:
     """Insert fake-quant around the inputs and weights of Linear and MatMul nodes.
 
     Math: each quantized tensor x is replaced by x̂ = (q − z)·s with
@@ -49,13 +51,19 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
     of node or weight names to leave in float. ``calib``: a list of input tuples (one array per
     model input), needed for static activations. Only ``bits=8``.
 
+    ``smooth=α`` (None: off): SmoothQuant first — per-channel factors
+    s_j = max|X_j|^α / max|W_j|^(1−α) folded exactly into the producers of the Linears' inputs
+    and into the Linears (see :func:`slimc.passes.smooth_quant`), computed on ``calib``; then
+    calibration sees the smoothed activations. Needs static activations (with dynamic ones the
+    per-tensor range is taken per input at run time anyway, and the paper's W8A8 is static).
+
     Post: FX — ``quantized_decomposed`` quantize/dequantize ops (PT2E's form; scales and zero
     points of per-channel weights as buffers beside the weight); ONNX — QuantizeLinear /
     DequantizeLinear pairs (onnxruntime's QDQ format; ``DynamicQuantizeLinear`` for dynamic
     asymmetric activations). Weights stay float; ``fold_fake_quant`` makes them int8. stats:
     ``quantized`` (node → kind, inputs, weight), ``activations`` (value → scale, zero point,
     clip range, observed range), ``weights`` (weight → scheme, scale range), ``qdq_pairs``,
-    ``skipped`` (node → reason).
+    ``skipped`` (node → reason); with ``smooth``, ``smooth`` (smooth_quant's stats).
 
     Numerics: Lossy. Inside its clip range a tensor moves by at most s/2 per element; the
     model's outputs move by the accumulated effect, which the PassManager reports.
@@ -64,9 +72,17 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
                                symmetric=symmetric, bits=bits, percentile=percentile, ops=ops,
                                exclude=exclude)
     batches = _math.check_batches(calib, spec)
+    if smooth is not None:
+        smooth = parse_alpha(smooth, "smooth")
+        if spec.activations != "static":
+            raise OptionError("quantize: smooth= (SmoothQuant) goes with static activations.",
+                              "Use activations='static' with calib=, or drop smooth=.")
     if batches and (g.example_inputs is not None or g.backend == "onnx"):
         for b in batches:
             check_inputs(g.input_specs(), b)
+    smooth_stats = None
+    if smooth is not None:
+        smooth_stats = smooth_channels(g, smooth, batches)
     surgery = _surgery(g)
     if g.backend == "onnx":
         surgery.check_opset(g.native, spec)
@@ -75,6 +91,8 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
                    "weights_scheme": spec.weights, "symmetric": spec.symmetric,
                    "quantized": {}, "activations": {}, "weights": {}, "skipped": skipped,
                    "qdq_pairs": 0}
+    if smooth_stats is not None:
+        stats["smooth"] = smooth_stats
     if not targets:
         return PassResult(g, False, stats)
     # non-finite weights would otherwise surface as NaN activations, blamed on the calibration

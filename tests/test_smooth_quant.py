@@ -1,0 +1,196 @@
+"""SmoothQuant: the factors equal the formula, the smoothed fp32 model equals the original (FX and
+ONNX, LayerNorm / RMSNorm-scale / Linear producers), the int8 model with smoothing is closer to
+fp32 than without on a model with activation outliers, and the refusals."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from zoo import ZOO, to_onnx
+
+import slimc
+from slimc import passes
+from slimc.errors import OptionError, ShapeError, SlimcError
+from slimc.passes.smooth_quant import _math as sm
+
+
+class _PreLN(torch.nn.Module):
+    """A pre-LayerNorm block whose LayerNorms have a few huge gammas (the activation outlier
+    channels SmoothQuant is for), and a low-rank pair (Linear → Linear, no bias between)."""
+
+    def __init__(self, d=32, heads=4, outliers=(3, 17)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.f1, self.f2 = torch.nn.Linear(d, 64), torch.nn.Linear(64, d)
+        self.down, self.up = torch.nn.Linear(d, 8, bias=False), torch.nn.Linear(8, d)
+        with torch.no_grad():
+            for ln in (self.ln1, self.ln2):
+                ln.weight.copy_(1 + 0.1 * torch.randn(d))
+                ln.bias.copy_(0.1 * torch.randn(d))
+                ln.weight[list(outliers)] = torch.tensor([40.0, -60.0])
+        self.eval()
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.ln1(x)
+        q, k, v = (m(y).view(b, t, self.heads, -1).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        x = x + self.f2(torch.nn.functional.gelu(self.f1(self.ln2(x))))
+        return x + self.up(self.down(x))
+
+
+def _batches(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(2, 8, 32)).astype(np.float32),) for _ in range(n)]
+
+
+def _graph(backend, module, x) -> slimc.Graph:
+    if backend == "fx":
+        return slimc.capture(module, (torch.from_numpy(x),))
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, (torch.from_numpy(x),), buf, dynamo=False, opset_version=17)
+    return slimc.Graph("onnx", onnx.load_from_string(buf.getvalue()))
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _PreLN()
+
+
+def test_factors_formula():
+    # s_j = max|X_j|^α / max|W_j|^(1−α); 1 where X or W is zero on that channel
+    s = sm.factors(np.array([4.0, 1.0, 0.0, 9.0]), np.array([1.0, 4.0, 2.0, 0.0]), 0.5)
+    np.testing.assert_allclose(s, [2.0, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(sm.factors(np.array([8.0]), np.array([2.0]), 1.0), [8.0])
+    np.testing.assert_allclose(sm.factors(np.array([8.0]), np.array([2.0]), 0.0), [0.5])
+    assert sm.factors(np.array([1e-12]), np.array([1.0]), 1.0)[0] == sm.MIN_SCALE
+
+
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_smoothed_fp32_model_equals_the_original(model, backend):
+    calib = _batches()
+    x = _batches(1, seed=9)[0][0]
+    g = _graph(backend, model, x)
+    r = passes.smooth_quant.run(g, alpha=0.5, calib=calib)
+    groups = {v["kind"]: len(v["consumers"]) for v in r.stats["groups"].values()}
+    kinds = sorted((v["kind"], len(v["consumers"])) for v in r.stats["groups"].values())
+    # ln1 → q, k, v; ln2 → f1; down → up. The o / f2 inputs come from attention / GELU.
+    assert kinds == [("layernorm", 1), ("layernorm", 3), ("linear", 1)], groups
+    assert r.modified and r.stats["matched"] == r.stats["changed"] == 3
+    assert _rel(r.graph.run(x)[0], g.run(x)[0]) < 1e-5
+    changed = [k for k, w in g.weights().items() if not np.array_equal(w, r.graph.weights()[k])]
+    assert changed  # the weights did move
+    for v in r.stats["groups"].values():  # outliers moved into the weights
+        assert v["act_absmax_after"] < v["act_absmax_before"] / 3
+
+
+def test_factors_are_smoothquants_on_qkv(model):
+    # independent: the LayerNorm output by torch on the calibration batches, the stacked
+    # Q/K/V weights; s = gamma / gamma' must be max|X_j|^α / max|W_j|^(1−α)
+    calib = _batches()
+    alpha = 0.7
+    g = _graph("fx", model, calib[0][0])
+    out = passes.smooth_quant(g, alpha=alpha, calib=calib)
+    with torch.no_grad():
+        xs = torch.cat([model.ln1(torch.from_numpy(b[0])).reshape(-1, 32) for b in calib])
+        w_max = torch.cat([model.q.weight, model.k.weight, model.v.weight]).abs().amax(0)
+    x_max = xs.abs().amax(0).double().numpy()
+    want = x_max ** alpha / w_max.double().numpy() ** (1 - alpha)
+    gamma = model.ln1.weight.detach().numpy()
+    (name,) = [k for k in g.weights() if "ln1" in k and "weight" in k]
+    np.testing.assert_allclose(gamma / out.get_weight(name), want, rtol=1e-5)
+    qname = next(k for k in g.weights() if k.startswith("q") and "weight" in k)
+    np.testing.assert_allclose(out.get_weight(qname), model.q.weight.detach().numpy() * want,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_int8_error_is_lower_with_smoothing(model, backend):
+    calib = _batches()
+    # an input the calibration saw: the gain is in rounding, not in clipping unseen outliers
+    x = calib[0][0]
+    g = _graph(backend, model, x)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    err = {}
+    for alpha in (None, 0.5):
+        q = passes.quantize.run(g, calib=calib, smooth=alpha)
+        assert ("smooth" in q.stats) == (alpha is not None)
+        y = passes.fold_fake_quant(q.graph).run(x)[0]
+        err[alpha] = float(np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref))
+    assert err[0.5] < 0.5 * err[None], err
+
+
+@pytest.mark.parametrize("name,kind", [("vit", "layernorm"), ("llama", "scale")])
+def test_zoo_pre_norm_models_fx(name, kind):
+    module, inputs, _ = ZOO[name]()
+    g = slimc.capture(module, inputs)
+    calib = [g.sample_inputs(seed=i) for i in range(2)]
+    x = g.sample_inputs(seed=5)
+    r = passes.smooth_quant.run(g, alpha=0.5, calib=calib)
+    assert r.stats["matched"] == 4  # 2 layers × (before attention, before the MLP)
+    assert {v["kind"] for v in r.stats["groups"].values()} == {kind}
+    assert _rel(r.graph.run(*x)[0], g.run(*x)[0]) < 1e-5
+
+
+def test_zoo_vit_onnx_with_merged_layernorm_initializers():
+    # the dynamo exporter merges the (equal, freshly initialised) LayerNorm gammas of all
+    # layers into one initializer: each smoothed LayerNorm gets a private copy
+    g = slimc.Graph("onnx", to_onnx("vit"))
+    calib = [g.sample_inputs(seed=i) for i in range(2)]
+    x = g.sample_inputs(seed=5)
+    r = passes.smooth_quant.run(g, alpha=0.5, calib=calib)
+    assert r.stats["matched"] == 4
+    assert _rel(r.graph.run(*x)[0], g.run(*x)[0]) < 1e-5
+
+
+def test_post_norm_bert_is_refused_with_the_reason():
+    # BERT's LayerNorm output feeds the residual Add as well as Q/K/V: no exact fold exists
+    module, inputs, _ = ZOO["bert"]()
+    g = slimc.capture(module, inputs)
+    r = passes.smooth_quant.run(g, alpha=0.5, calib=[g.sample_inputs()], on_no_match="warn")
+    assert r.stats["matched"] == 0 and not r.modified
+    assert any("not a Linear" in why for why in r.stats["skipped"].values())
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_bad_alpha(model, alpha):
+    calib = _batches(1)
+    g = _graph("fx", model, calib[0][0])
+    with pytest.raises(OptionError, match="alpha") as e:
+        passes.smooth_quant(g, alpha=alpha, calib=calib)
+    assert e.value.fix
+    with pytest.raises(OptionError, match="smooth"):
+        passes.quantize(g, calib=calib, smooth=alpha)
+
+
+def test_bad_calibration(model):
+    calib = _batches(1)
+    g = _graph("fx", model, calib[0][0])
+    before = g.weights()
+    with pytest.raises(OptionError, match="calib"):
+        passes.smooth_quant(g, alpha=0.5)
+    with pytest.raises(OptionError, match="calib"):
+        passes.smooth_quant(g, alpha=0.5, calib=[])
+    with pytest.raises(ShapeError, match="shape"):
+        passes.smooth_quant(g, alpha=0.5, calib=[(np.zeros((2, 8, 31), np.float32),)])
+    with pytest.raises(OptionError, match="static"):
+        passes.quantize(g, activations="dynamic", smooth=0.5)
+    with pytest.raises(SlimcError):
+        passes.quantize(g, smooth=0.5)  # static without calib
+    assert all(np.array_equal(w, g.weights()[k]) for k, w in before.items())
