@@ -137,7 +137,8 @@ def bert_run(tmp_path_factory):
     paths = write_report(folder, model="zoo bert", report=report, accuracy=accuracy,
                          latency=latency)
     return {"folder": folder, "paths": paths, "report": report, "accuracy": accuracy,
-            "latency": latency, "data": json.loads((folder / "report.json").read_text())}
+            "latency": latency,
+            "data": json.loads((folder / "report.json").read_text(encoding="utf-8"))}
 
 
 def test_files_written_atomically(bert_run):
@@ -191,8 +192,8 @@ def test_line_plots_hold_the_measured_series(bert_run):
 def test_markdown_and_json_match_the_pass_report(bert_run):
     report, data = bert_run["report"], bert_run["data"]
     assert data["passes"] == report.to_dict()
-    md = (bert_run["folder"] / "report.md").read_text()
-    html_text = (bert_run["folder"] / "index.html").read_text()
+    md = (bert_run["folder"] / "report.md").read_text(encoding="utf-8")
+    html_text = (bert_run["folder"] / "index.html").read_text(encoding="utf-8")
     for row in report.rows:
         cells = f"| {row.name} | {row.contract}"
         assert cells in md, cells
@@ -216,7 +217,7 @@ def test_rewrite_replaces_and_a_bad_row_leaves_the_old_report(tmp_path):
     write_report(tmp_path, model="m2")  # nothing measured: every picture of the old one goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "report.json",
                                                          "report.md"]
-    data = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert data["model"] == "m2" and len(data["not_measured"]) == 7
 
 
@@ -228,11 +229,11 @@ def test_tuning_and_target_sections(tmp_path):
                           estimated_ms=0.12, per_task=tasks, history=[(0.5, 0.2), (1.0, 0.12)])
     write_report(tmp_path, model="m", tuning=summary,
                  target={"target": "x86", "cpu": "znver4", "features": {"avx2": True}})
-    md = (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "| fused_matmul2 | 2 | 3.00 | 8 | 0.0300 |" in md  # most expensive first
     assert md.index("fused_matmul2") < md.index("fused_matmul0")
     assert "| features | avx2: yes |" in md
-    data = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert data["tuning"]["seconds_to_90_percent"] == summary.seconds_to_reach(0.9)
 
 
@@ -246,7 +247,7 @@ def test_demo_report_tables(tmp_path):
              "removed": {0: [0], 1: [0]}}
     demo._write_report(str(tmp_path), {"original": row, "slimc": after}, stats,
                        {"cpu": "znver4", "cores": 2}, 128)
-    data = json.loads((tmp_path / "report.json").read_text())
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert [r[""] for r in data["before_after"]][:2] == ["attention heads", "parameters"]
     assert data["before_after"][0]["change"] == "-25.0%"
     assert data["accuracy"]["series"]["WordSim-353 Spearman"] == {"x": [0.0, 0.25],
@@ -335,13 +336,13 @@ def test_optimize_report_cli(tmp_path, capsys):
     assert "index.html" in capsys.readouterr().err
     names = {p.name for p in rep.iterdir()}
     assert names == {"index.html", "report.md", "report.json", "heads.png"}
-    data = json.loads((rep / "report.json").read_text())
+    data = json.loads((rep / "report.json").read_text(encoding="utf-8"))
     assert [p["name"] for p in data["passes"]["passes"]] == ["prune_heads", "cleanup"]
     assert np.array(data["heads"]["scores"]).shape == (2, 4)
     assert sum(map(len, data["heads"]["removed"].values())) == 2
     assert set(data["not_measured"]) == {"before_after", "accuracy", "latency", "target",
                                          "tuning"}
     _read_png(rep / "heads.png")
-    md = (rep / "report.md").read_text()
+    md = (rep / "report.md").read_text(encoding="utf-8")
     assert "| prune_heads |" in md and "![magnitude importance heatmap](heads.png)" in md
     assert sum(b.num_heads for b in slimc.load(out).attention_blocks()) == 6

@@ -67,8 +67,8 @@ def write_report(folder: str | os.PathLike, *, model: str, report=None, head_sco
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise OptionError(f"--report {folder}: a file of that name exists.",
-                          "Give a folder name for the report.")
+        raise OptionError(f"The report folder {folder} is a file.",
+                          "Give the name of a folder (new or existing) for the report.")
     folder.mkdir(parents=True, exist_ok=True)
     if head_scores is None and report is not None:
         head_scores, removed_heads, score = _scores_from_report(report, removed_heads, score)
@@ -95,9 +95,10 @@ def write_report(folder: str | os.PathLike, *, model: str, report=None, head_sco
 
         title = title or f"slimc report: {model}"
         meta = f"Generated {data['generated']} by slimc {_version()}."
-        stage("report.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-        stage("report.md").write_text(to_markdown(title, meta, sections))
-        stage("index.html").write_text(to_html(title, meta, sections))
+        text = json.dumps(_jsonable(data), indent=2) + "\n"
+        stage("report.json").write_text(text, encoding="utf-8")
+        stage("report.md").write_text(to_markdown(title, meta, sections), encoding="utf-8")
+        stage("index.html").write_text(to_html(title, meta, sections), encoding="utf-8")
         order = sorted(staged, key=lambda n: (n == "index.html", n.endswith((".md", ".json"))))
         for name in order:
             os.replace(staged.pop(name), folder / name)
