@@ -278,3 +278,46 @@ def test_conv_weights_are_skipped_with_a_reason():
     r = passes.threshold_weights.run(g, sparsity=0.5, importance="wanda", calib=[(x,)])
     assert list(r.stats["layers"]) == ["2.weight"]
     assert "Linear" in r.stats["skipped"]["0.weight"]
+
+
+# -- Wanda head score --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_wanda_head_score_equals_numpy(bert, backend):
+    """Σ |W|·‖X‖ over head h's Q rows, its K/V rows and its O columns, with X recorded by
+    forward hooks on the transformers modules themselves."""
+    from slimc.passes import importance
+    module, _, expected = ZOO["bert"]()
+    g = bert[0] if backend == "fx" else bert[1]
+    calib = bert[2]
+    seen: dict = {}
+
+    def hook(name):
+        def record(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            seen[name] = seen.get(name, 0) + (x ** 2).sum(0)
+        return record
+
+    layers = module.model.encoder.layer
+    for i, layer in enumerate(layers):
+        att = layer.attention
+        for key, lin in (("q", att.self.query), ("k", att.self.key), ("v", att.self.value),
+                         ("o", att.output.dense)):
+            lin.register_forward_pre_hook(hook((i, key)))
+    with torch.no_grad():
+        for (ids,) in calib:
+            module(torch.from_numpy(ids))
+    got = importance.head_scores(g, score="wanda", calib=calib, normalize=False)
+    heads, _, d = expected[0]
+    for i, layer in enumerate(layers):
+        att = layer.attention
+        s = {k: (lin.weight.detach().double().abs() * seen[(i, k)].sqrt()[None, :]).numpy()
+             for k, lin in (("q", att.self.query), ("k", att.self.key), ("v", att.self.value),
+                            ("o", att.output.dense))}
+        want = np.array([s["q"][h * d:(h + 1) * d].sum() + s["k"][h * d:(h + 1) * d].sum()
+                         + s["v"][h * d:(h + 1) * d].sum() + s["o"][:, h * d:(h + 1) * d].sum()
+                         for h in range(heads)])
+        np.testing.assert_allclose(got[i], want, rtol=1e-5)
+        assert list(np.argsort(got[i])) == list(np.argsort(want))
+    r = passes.prune_heads.run(g, ratio=0.25, score="wanda", calib=calib)
+    assert r.stats["score"] == "wanda" and sum(len(h) for h in r.stats["removed"].values()) == 2

@@ -22,6 +22,10 @@ Scores:
 * ``"attention"``: the head's confidence, mean over queries of the largest attention
   probability (Voita et al. 2019: confident heads are the important ones), on calibration
   batches. Both backends.
+* ``"wanda"``: Wanda's weight score (Sun et al. 2023) summed over the head's weights,
+  Σ |W_ij|·‖X_j‖₂ over the rows of W_q for head h and of W_k, W_v for its key/value head, and
+  over the columns of W_o for head h, X being each projection's input on the calibration
+  batches (‖X_j‖₂ over every token). Both backends.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 from ..errors import OptionError, UnsupportedError
 from ..ir.graph import check_inputs
 
-SCORES = ("magnitude", "taylor", "attention")
+SCORES = ("magnitude", "taylor", "attention", "wanda")
 
 
 # -- calibration data ---------------------------------------------------------------------------
@@ -93,6 +97,33 @@ def magnitude_scores(graph, blocks: list) -> dict:
             sq += float(np.sum(_cols(ws["o"], b.o.layout, h * d, (h + 1) * d)
                                .astype(np.float64) ** 2))
             scores.append(math.sqrt(sq))
+        out[b.layer] = np.array(scores)
+    return out
+
+
+def wanda_scores(graph, blocks: list, batches: list) -> dict:
+    from ._calib import input_stats, linear_sites
+    wanted = {lin.node for b in blocks for lin in (b.q, b.k, b.v, b.o)}
+    sites = {s.node: s for s in linear_sites(graph.native) if s.node in wanted}
+    stats = input_stats(graph.native, list(sites.values()), batches)
+    out = {}
+    for b in blocks:
+        d, r = b.head_dim, b.num_heads // b.num_kv_heads
+        # |W|·‖X‖ on each projection's canonical (out, in) matrix
+        sc = {}
+        for key, lin in (("q", b.q), ("k", b.k), ("v", b.v), ("o", b.o)):
+            w = graph.get_weight(lin.weight).astype(np.float64)
+            c = w if lin.layout == "out_in" else w.T
+            sc[key] = np.abs(c) * stats[sites[lin.node].x].norm[None, :]
+        scores = []
+        for h in range(b.num_heads):
+            g = h // r
+            total = 0.0
+            for key, lin, head in (("q", b.q, h), ("k", b.k, g), ("v", b.v, g)):
+                off = lin.rows[0] if lin.rows else 0
+                total += float(sc[key][off + head * d:off + (head + 1) * d].sum())
+            total += float(sc["o"][:, h * d:(h + 1) * d].sum())
+            scores.append(total)
         out[b.layer] = np.array(scores)
     return out
 
@@ -258,6 +289,8 @@ def head_scores(graph, score: str = "magnitude", calib=None, blocks: list | None
         # on ONNX, taylor_scores says why it cannot run before calib is even looked at
         batches = calibration_batches(graph, calib) if graph.backend == "fx" else []
         scores = taylor_scores(graph, blocks, batches, loss)
+    elif score == "wanda":
+        scores = wanda_scores(graph, blocks, calibration_batches(graph, calib))
     else:
         scores = attention_scores(graph, blocks, calibration_batches(graph, calib))
     return normalize_per_layer(scores) if normalize else scores
@@ -318,4 +351,5 @@ def select_heads(blocks: list, scores: dict, ratio: float, scope: str = "global"
 
 
 __all__ = ["SCORES", "attention_scores", "calibration_batches", "head_scores",
-           "magnitude_scores", "normalize_per_layer", "select_heads", "taylor_scores"]
+           "magnitude_scores", "normalize_per_layer", "select_heads", "taylor_scores",
+           "wanda_scores"]

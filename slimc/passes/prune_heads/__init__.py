@@ -69,9 +69,9 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
 
     Options: ``heads={layer: [query head, ...]}`` removes exactly those heads (layers numbered
     as ``graph.attention_blocks()`` lists them); or ``ratio`` (in [0, 1)) removes that fraction
-    of heads, lowest ``score`` first (``"magnitude"``, ``"taylor"``, ``"attention"``, see
-    :mod:`slimc.passes.importance`; ``calib`` is a list of input tuples for the data-driven
-    scores), ranked over the whole model (``scope="global"``) or within each layer
+    of heads, lowest ``score`` first (``"magnitude"``, ``"taylor"``, ``"attention"``,
+    ``"wanda"``, see :mod:`slimc.passes.importance`; ``calib`` is a list of input tuples for
+    the data-driven scores), ranked over the whole model (``scope="global"``) or within each layer
     (``"per_layer"``); ``loss`` is the taylor score's objective (``"kl"`` to the unpruned
     model's outputs, ``"mse"``, or ``loss(outputs, batch_index)`` for labelled data). At least
     one head stays per layer unless ``allow_empty_layer=True``; a
