@@ -281,15 +281,18 @@ def optimize_steps(args) -> list[tuple[str, dict]]:
         raise OptionError("--threshold and --sparsity are alternatives.", "Give one of them.")
     if args.pattern and args.block:
         raise OptionError("--pattern and --block are alternatives.", "Give one of them.")
+    imp = {"importance": args.importance} if args.importance != "magnitude" else {}
     if args.threshold is not None:
-        steps.append(("threshold_weights", {"tau": args.threshold, **_pattern_block(args)}))
+        steps.append(("threshold_weights", {"tau": args.threshold, **_pattern_block(args),
+                                            **imp}))
     elif args.sparsity is not None:
         if args.pattern:
             raise OptionError("--pattern N:M fixes the sparsity itself (N/M non-zeros).",
                               "Drop --sparsity, or use --block with --sparsity.")
-        steps.append(("threshold_weights", {"sparsity": args.sparsity, **_pattern_block(args)}))
+        steps.append(("threshold_weights", {"sparsity": args.sparsity, **_pattern_block(args),
+                                            **imp}))
     elif args.pattern:
-        steps.append(("threshold_weights", {"pattern": args.pattern}))
+        steps.append(("threshold_weights", {"pattern": args.pattern, **imp}))
     elif args.block:
         raise OptionError("--block needs --sparsity (the fraction of blocks to zero).",
                           "Add --sparsity S.")
@@ -299,7 +302,10 @@ def optimize_steps(args) -> list[tuple[str, dict]]:
         if args.quantize != "int8":
             raise OptionError(f"--quantize {args.quantize!r} is not supported.",
                               "Use --quantize int8.")
-        steps.append(("quantize", {"method": args.method}))
+        opts = {"method": args.method}
+        if args.smooth is not None:
+            opts["smooth"] = args.smooth
+        steps.append(("quantize", opts))
         steps.append(("fold_fake_quant", {}))
     if not args.no_cleanup:
         steps.append(("cleanup", {}))
@@ -458,13 +464,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", help="TOML recipe listing passes and options (instead of flags)")
     s.add_argument("--prune-heads", type=float, metavar="RATIO",
                    help="remove this fraction of attention heads")
-    s.add_argument("--score", default="magnitude", choices=["magnitude", "taylor", "attention"],
-                   help="head importance score (taylor/attention need --calib)")
+    s.add_argument("--score", default="magnitude",
+                   choices=["magnitude", "taylor", "attention", "wanda"],
+                   help="head importance score (taylor/attention/wanda need --calib)")
     s.add_argument("--scope", choices=["global", "per_layer"], help="head ranking scope")
     s.add_argument("--threshold", type=float, metavar="TAU", help="zero weights with |w| <= TAU")
     s.add_argument("--sparsity", type=float, metavar="S", help="zero this fraction of weights")
     s.add_argument("--pattern", metavar="N:M", help="N:M structured sparsity, e.g. 2:4")
     s.add_argument("--block", metavar="RxC", help="block sparsity with --sparsity, e.g. 1x8")
+    s.add_argument("--importance", default="magnitude",
+                   choices=["magnitude", "taylor", "wanda", "sparsegpt"],
+                   help="weight importance for --sparsity/--pattern (taylor/wanda/sparsegpt "
+                   "need --calib; sparsegpt also updates the weights it keeps)")
     s.add_argument("--low-rank", type=float, metavar="ENERGY",
                    help="truncated-SVD factorisation keeping this singular-value energy")
     s.add_argument("--fuse", action="store_true", help="apply the fusion rules")
@@ -472,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="minmax",
                    choices=["minmax", "percentile", "entropy", "mse"],
                    help="quantization calibration method")
+    s.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="SmoothQuant before --quantize int8: migration strength in [0, 1] "
+                   "(needs --calib)")
     s.add_argument("--calib", metavar="DATA.npz",
                    help="calibration batches: per input an array of shape (N, *input_shape)")
     s.add_argument("--no-cleanup", action="store_true", help="skip the final cleanup pass")

@@ -103,11 +103,23 @@ class Recipe:
         steps = []
         for pname, options in self.passes:
             opts = dict(options)
-            if calib is not None and "calib" in get_pass(pname).options:
+            if calib is not None and "calib" in get_pass(pname).options \
+                    and _reads_calib(pname, opts):
                 opts.setdefault("calib", calib)
             steps.append((pname, opts))
         return PassManager(steps, instruments=instruments, on_no_match=self.on_no_match).run(
             graph, check_inputs=check_inputs)
+
+
+def _reads_calib(pname: str, opts: dict) -> bool:
+    """Whether the pass reads calibration data with these options. A data-free importance
+    (magnitude) refuses calib= as a likely mistake, so the shared batches go only where used."""
+    if pname == "threshold_weights":
+        from .passes.threshold_weights._math import CALIBRATED
+        return opts.get("importance", "magnitude") in CALIBRATED and opts.get("tau") is None
+    if pname == "prune_heads":
+        return opts.get("score", "magnitude") != "magnitude" and opts.get("heads") is None
+    return True
 
 
 def _check_step(source: str, index: int, info, options: dict) -> None:

@@ -194,3 +194,40 @@ def test_bad_calibration(model):
     with pytest.raises(SlimcError):
         passes.quantize(g, smooth=0.5)  # static without calib
     assert all(np.array_equal(w, g.weights()[k]) for k, w in before.items())
+
+
+# -- recipes and the command line ------------------------------------------------------------
+
+def test_recipe_hands_calib_only_where_it_is_read(model):
+    from slimc.recipe import Recipe
+    calib = _batches(2)
+    g = _graph("fx", model, calib[0][0])
+    # magnitude thresholding refuses calib=, so apply() must not hand it the shared batches
+    for steps in ([("threshold_weights", {"sparsity": 0.5}), ("quantize", {"smooth": 0.5})],
+                  [("threshold_weights", {"sparsity": 0.5, "importance": "wanda"}),
+                   ("quantize", {})]):
+        new, _ = Recipe.from_dict({"passes": [{"name": n, **o} for n, o in steps]}).apply(
+            g, calib=calib)
+        assert new.history[-2:] == ["threshold_weights", "quantize"]
+    with pytest.raises(OptionError, match="smooth"):
+        Recipe.from_dict({"passes": [{"name": "quantize", "smooth": "high"}]}).apply(
+            g, calib=calib)
+
+
+def test_cli_wanda_and_smoothquant_flags(model, tmp_path):
+    from slimc.cli import main
+    calib = _batches(3)
+    g = _graph("onnx", model, calib[0][0])
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    g.save(src)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, **{g.input_names[0]: np.stack([b[0] for b in calib])})
+    assert main(["optimize", str(src), "-o", str(out), "--sparsity", "0.5", "--importance",
+                 "wanda", "--quantize", "int8", "--smooth", "0.5", "--calib", str(npz)]) == 0
+    got = slimc.load(out)
+    assert any(w.dtype == np.int8 for w in got.weights().values())
+    y = got.run(calib[0][0])[0]
+    assert np.isfinite(y).all() and y.shape == (2, 8, 32)
+    # magnitude thresholding with --calib (for quantize) works too
+    assert main(["optimize", str(src), "-o", str(out), "--sparsity", "0.5", "--quantize",
+                 "int8", "--calib", str(npz)]) == 0
