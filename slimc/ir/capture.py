@@ -276,10 +276,21 @@ def _check_structure(model, path: Path) -> None:
 
 
 def _check_input_dims(model, path: Path) -> None:
+    from onnx import helper
     init = {t.name for t in model.graph.initializer}
     for vi in model.graph.input:
         if vi.name in init:
             continue
+        if vi.type.WhichOneof("value") != "tensor_type":
+            raise UnsupportedError(f"{path}: input {vi.name!r} is not a tensor "
+                                   f"({vi.type.WhichOneof('value')}).",
+                                   "slimc handles models whose inputs are tensors.")
+        try:
+            np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        except Exception as e:  # UNDEFINED, or a number no ONNX version defines
+            raise InputFileError(f"{path}: input {vi.name!r} has no valid element type "
+                                 f"({vi.type.tensor_type.elem_type}).",
+                                 "The file is corrupt; re-export it.") from e
         for axis, d in enumerate(vi.type.tensor_type.shape.dim):
             if d.HasField("dim_value") and d.dim_value <= 0:
                 raise ShapeError(
