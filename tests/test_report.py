@@ -326,10 +326,16 @@ def test_renders_in_headless_chromium(bert_run, tmp_path):
 # the command line
 
 
-def test_optimize_report_cli(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bert_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "bert.onnx"
+    path.write_bytes(to_onnx("bert").SerializeToString())
+    return path
+
+
+def test_optimize_report_cli(bert_onnx, tmp_path, capsys):
     from slimc.cli import main
-    model = tmp_path / "bert.onnx"
-    model.write_bytes(to_onnx("bert").SerializeToString())
+    model = bert_onnx
     out, rep = tmp_path / "small.onnx", tmp_path / "rep"
     assert main(["optimize", str(model), "-o", str(out), "--prune-heads", "0.25",
                  "--report", str(rep)]) == 0
@@ -346,3 +352,20 @@ def test_optimize_report_cli(tmp_path, capsys):
     md = (rep / "report.md").read_text(encoding="utf-8")
     assert "| prune_heads |" in md and "![magnitude importance heatmap](heads.png)" in md
     assert sum(b.num_heads for b in slimc.load(out).attention_blocks()) == 6
+
+
+def test_optimize_report_cli_recipe_target(bert_onnx, tmp_path):
+    from slimc.cli import main
+    from slimc.codegen import host_cpu
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[passes]]\nname = "threshold_weights"\nsparsity = 0.5\n\n'
+                      '[compile]\ntarget = "x86"\n', encoding="utf-8")
+    rep = tmp_path / "rep"
+    assert main(["optimize", str(bert_onnx), "-o", str(tmp_path / "o.onnx"), "--recipe",
+                 str(recipe), "--report", str(rep)]) == 0
+    data = json.loads((rep / "report.json").read_text(encoding="utf-8"))
+    cpu = host_cpu()
+    assert data["target"]["target"] == "x86" and data["target"]["cpu"] == cpu["cpu"]
+    assert data["heads"] is None and not (rep / "heads.png").exists()  # no scores: no picture
+    md = (rep / "report.md").read_text(encoding="utf-8")
+    assert f"| cpu | {cpu['cpu']} |" in md
