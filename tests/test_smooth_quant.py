@@ -48,6 +48,33 @@ class _PreLN(torch.nn.Module):
         return x + self.up(self.down(x))
 
 
+class _PostLN(torch.nn.Module):
+    """BERT's post-LayerNorm layout: every LayerNorm output feeds the residual Add as well as
+    the next Linears, so no fold is exact; outlier gammas as in _PreLN."""
+
+    def __init__(self, d=32, heads=4, outliers=(3, 17)):
+        super().__init__()
+        torch.manual_seed(1)
+        self.heads = heads
+        self.ln0, self.ln1, self.ln2 = (torch.nn.LayerNorm(d) for _ in range(3))
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.f1, self.f2 = torch.nn.Linear(d, 64), torch.nn.Linear(64, d)
+        with torch.no_grad():
+            for ln in (self.ln0, self.ln1):
+                ln.weight.copy_(1 + 0.1 * torch.randn(d))
+                ln.weight[list(outliers)] = torch.tensor([40.0, -60.0])
+        self.eval()
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.ln0(x)
+        q, k, v = (m(y).view(b, t, self.heads, -1).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+        y = self.ln1(y + self.o(a.transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(y + self.f2(torch.nn.functional.gelu(self.f1(y))))
+
+
 def _batches(n=4, seed=0):
     rng = np.random.default_rng(seed)
     return [(rng.normal(size=(2, 8, 32)).astype(np.float32),) for _ in range(n)]
@@ -136,6 +163,42 @@ def test_int8_error_is_lower_with_smoothing(model, backend):
     assert err[0.5] < 0.5 * err[None], err
 
 
+@pytest.mark.parametrize("backend", ["fx", "onnx"])
+def test_post_norm_insert_mode(backend):
+    module = _PostLN()
+    calib = _batches()
+    x = calib[0][0]
+    g = _graph(backend, module, x)
+    folded = passes.smooth_quant.run(g, alpha=0.5, calib=calib, on_no_match="warn")
+    assert folded.stats["matched"] == 0  # fold mode: nothing is exact to fold
+    r = passes.smooth_quant.run(g, alpha=0.5, calib=calib, mode="insert")
+    groups = sorted(len(v["consumers"]) for v in r.stats["groups"].values())
+    assert groups == [1, 3] and not any(v["folded"] for v in r.stats["groups"].values())
+    muls = ("Mul", "aten.mul.Tensor")
+    count = sum(v for k, v in r.graph.op_histogram().items() if k in muls or "mul.Tensor" in k)
+    before = sum(v for k, v in g.op_histogram().items() if k in muls or "mul.Tensor" in k)
+    assert count == before + 2  # one scale in front of Q/K/V, one in front of f1
+    assert _rel(r.graph.run(x)[0], g.run(x)[0]) < 1e-5
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    err = {}
+    for alpha in (None, 0.5):
+        q = passes.quantize(g, calib=calib, smooth=alpha, smooth_mode="insert")
+        y = passes.fold_fake_quant(q).run(x)[0]
+        err[alpha] = float(np.linalg.norm(np.asarray(y) - ref) / np.linalg.norm(ref))
+    assert err[0.5] < 0.5 * err[None], err
+
+
+def test_zoo_bert_insert_mode_is_exact():
+    module, inputs, _ = ZOO["bert"]()
+    g = slimc.capture(module, inputs)
+    calib = [g.sample_inputs(seed=i) for i in range(2)]
+    x = g.sample_inputs(seed=5)
+    r = passes.smooth_quant.run(g, alpha=0.5, calib=calib, mode="insert")
+    assert r.stats["matched"] == 4  # embeddings LN → Q/K/V, attention LN → FFN, twice
+    assert _rel(r.graph.run(*x)[0], g.run(*x)[0]) < 1e-5
+
+
 @pytest.mark.parametrize("name,kind", [("vit", "layernorm"), ("llama", "scale")])
 def test_zoo_pre_norm_models_fx(name, kind):
     module, inputs, _ = ZOO[name]()
@@ -191,6 +254,10 @@ def test_bad_calibration(model):
         passes.smooth_quant(g, alpha=0.5, calib=[(np.zeros((2, 8, 31), np.float32),)])
     with pytest.raises(OptionError, match="static"):
         passes.quantize(g, activations="dynamic", smooth=0.5)
+    with pytest.raises(OptionError, match="mode"):
+        passes.smooth_quant(g, alpha=0.5, calib=calib, mode="both")
+    with pytest.raises(OptionError, match="smooth_mode"):
+        passes.quantize(g, calib=calib, smooth=0.5, smooth_mode="both")
     with pytest.raises(SlimcError):
         passes.quantize(g, smooth=0.5)  # static without calib
     assert all(np.array_equal(w, g.weights()[k]) for k, w in before.items())

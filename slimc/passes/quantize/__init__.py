@@ -11,7 +11,7 @@ from ...errors import OptionError, PassError
 from ...ir.graph import Graph, check_inputs
 from ..registry import Lossy, PassResult, register_pass
 from ..smooth_quant import smooth as smooth_channels
-from ..smooth_quant._math import parse_alpha
+from ..smooth_quant._math import check_mode, parse_alpha
 from . import _math
 
 
@@ -31,7 +31,8 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
              weights: str = "per_channel", activations: str = "static",
              symmetric: bool = True, bits: int = 8, percentile: float = 99.99,
              ops: Sequence[str] = ("linear", "matmul"),
-             exclude: Sequence[str] = (), smooth: float | None = None) -> PassResult:
+             exclude: Sequence[str] = (), smooth: float | None = None,
+             smooth_mode: str = "fold") -> PassResult:
     """Insert fake-quant around the inputs and weights of Linear and MatMul nodes.
 
     Math: each quantized tensor x is replaced by x̂ = (q − z)·s with
@@ -54,7 +55,8 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
     ``smooth=α`` (None: off): SmoothQuant first — per-channel factors
     s_j = max|X_j|^α / max|W_j|^(1−α) folded exactly into the producers of the Linears' inputs
     and into the Linears (see :func:`slimc.passes.smooth_quant`), computed on ``calib``; then
-    calibration sees the smoothed activations. Needs static activations (with dynamic ones the
+    calibration sees the smoothed activations. ``smooth_mode="insert"`` also smooths the
+    Linears after post-norm LayerNorms (BERT) with a per-channel Mul. Needs static activations (with dynamic ones the
     per-tensor range is taken per input at run time anyway, and the paper's W8A8 is static).
 
     Post: FX — ``quantized_decomposed`` quantize/dequantize ops (PT2E's form; scales and zero
@@ -74,6 +76,7 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
     batches = _math.check_batches(calib, spec)
     if smooth is not None:
         smooth = parse_alpha(smooth, "smooth")
+        check_mode(smooth_mode, "smooth_mode")
         if spec.activations != "static":
             raise OptionError("quantize: smooth= (SmoothQuant) goes with static activations.",
                               "Use activations='static' with calib=, or drop smooth=.")
@@ -82,7 +85,7 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
             check_inputs(g.input_specs(), b)
     smooth_stats = None
     if smooth is not None:
-        smooth_stats = smooth_channels(g, smooth, batches)
+        smooth_stats = smooth_channels(g, smooth, batches, mode=smooth_mode)
     surgery = _surgery(g)
     if g.backend == "onnx":
         surgery.check_opset(g.native, spec)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+import numpy as np
+
 from ...ir.graph import Graph
 from .. import _calib
 from ..registry import Exact, PassResult, register_pass
@@ -27,18 +29,20 @@ def _adapters(g: Graph):
     return mod, uses_mod
 
 
-def smooth(g: Graph, alpha: float, batches: list, exclude: Sequence[str] = ()) -> dict:
+def smooth(g: Graph, alpha: float, batches: list, exclude: Sequence[str] = (),
+           mode: str = "fold") -> dict:
     """Smooth ``g`` in place (a pass's private copy); returns the stats (see smooth_quant)."""
     mod, uses_mod = _adapters(g)
     view = g.view()
     producers = [p for p in mod.producers(g.native, view)
                  if not any(fnmatch.fnmatchcase(p.node, pat) for pat in exclude)]
     groups, skipped = _math.plan(view, producers, mod.readers(g.native),
-                                 uses_mod.weight_uses(g.native, view), mod.unshare(g.native))
+                                 uses_mod.weight_uses(g.native, view), mod.unshare(g.native),
+                                 mode)
     # a Linear whose output feeds no Linear is no candidate worth listing
     skipped = {k: r for k, r in skipped.items()
                if not any(p.node == k and p.kind == "linear" for p in producers)}
-    stats: dict = {"alpha": alpha, "groups": {}, "skipped": skipped, "matched": len(groups),
+    stats: dict = {"alpha": alpha, "mode": mode, "groups": {}, "skipped": skipped, "matched": len(groups),
                    "changed": 0}
     if not groups:
         return stats
@@ -50,9 +54,13 @@ def smooth(g: Graph, alpha: float, batches: list, exclude: Sequence[str] = ()) -
         x_absmax = seen[grp.producer.out].absmax
         s = _math.factors(x_absmax, w_absmax, alpha)
         _math.fold(g.get_weight, g.set_weight, grp, s)
+        inv = (1.0 / s).astype(np.float32)
+        for value, readers in grp.inserts:
+            mod.insert_scale(g.native, value, list(readers), inv)
         p = grp.producer
         stats["groups"][p.node] = {
             "kind": p.kind, "consumers": [c.node for c in grp.consumers],
+            "folded": not grp.inserts, "inserted_on": [v for v, _ in grp.inserts],
             "scale_min": float(s.min()), "scale_max": float(s.max()),
             # the activation range a per-tensor quantizer sees, before and after
             "act_absmax_before": float(x_absmax.max()),
@@ -63,7 +71,7 @@ def smooth(g: Graph, alpha: float, batches: list, exclude: Sequence[str] = ()) -
 
 @register_pass("smooth_quant", contract=Exact(rtol=1e-5, atol=1e-5))
 def smooth_quant(g: Graph, /, *, alpha: float = 0.5, calib: Sequence | None = None,
-                 exclude: Sequence[str] = ()) -> PassResult:
+                 mode: str = "fold", exclude: Sequence[str] = ()) -> PassResult:
     """Fold SmoothQuant's per-channel factors into producers and consuming Linears.
 
     Math: for every value X read only by Linears (directly or through reshapes that keep the
@@ -80,7 +88,14 @@ def smooth_quant(g: Graph, /, *, alpha: float = 0.5, calib: Sequence | None = No
     (stats["skipped"] says which rule refused). ``exclude``: glob patterns of producer node
     names to leave alone.
 
-    Post: same graph, only weight values change. stats["groups"][producer] gives its kind,
+    ``mode="insert"``: where a norm's output also reaches something other than Linears
+    (post-norm models such as BERT: the residual Add), no fold is exact; there a new
+    ``x · (1/s)`` (one elementwise Mul, which the int8 quantizer after it absorbs) is placed in
+    front of the Linears and only their weights change. ``"fold"`` (default) never changes
+    the graph's ops.
+
+    Post: same graph, only weight values change (insert mode: plus one Mul per inserted
+    site). stats["groups"][producer] gives its kind,
     consumers, the range of s and the activations' max |x| before and after;
     stats["matched"] / stats["changed"] count the groups.
 
@@ -88,10 +103,11 @@ def smooth_quant(g: Graph, /, *, alpha: float = 0.5, calib: Sequence | None = No
     relative). The int8 model that ``quantize`` makes afterwards is where the gain is.
     """
     alpha = _math.parse_alpha(alpha)
+    _math.check_mode(mode)
     batches = _calib.check_batches(g, calib, "smooth_quant")
     if isinstance(exclude, str):
         exclude = (exclude,)
-    stats = smooth(g, alpha, batches, tuple(exclude))
+    stats = smooth(g, alpha, batches, tuple(exclude), mode)
     return PassResult(g, stats["changed"] > 0, stats)
 
 

@@ -56,8 +56,12 @@ class Consumer:
 
 @dataclass(frozen=True)
 class Group:
+    """Consumers of one producer. ``inserts`` (insert mode): (value, Linear nodes) pairs that
+    get a new per-channel ``x · (1/s)`` on that value instead of a fold into the producer."""
+
     producer: Producer
     consumers: tuple[Consumer, ...]
+    inserts: tuple = ()
 
 
 def parse_alpha(alpha, option: str = "alpha") -> float:
@@ -70,22 +74,45 @@ def parse_alpha(alpha, option: str = "alpha") -> float:
     return float(alpha)
 
 
-def plan(view, producers: list[Producer], readers, uses: dict,
-         unshare=None) -> tuple[list[Group], dict]:
+OUTPUT = "<graph output>"  # what ``readers`` lists for a graph output or a subgraph read
+MODES = ("fold", "insert")
+
+
+def check_mode(mode, option: str = "mode") -> str:
+    if mode not in MODES:
+        raise OptionError(f"{option}={mode!r} is not a SmoothQuant mode.",
+                          "Use 'fold' (fold the factors into the producers: exact, no new ops) "
+                          "or 'insert' (also smooth post-norm Linears with a new per-channel "
+                          "Mul where no fold exists).")
+    return mode
+
+
+def plan(view, producers: list[Producer], readers, uses: dict, unshare=None,
+         mode: str = "fold") -> tuple[list[Group], dict]:
     """The groups to smooth, and why each other producer is left alone.
 
-    ``readers(value)``: the names of the nodes reading ``value``, or None when something the
-    View does not model reads it (a graph output, a subgraph). ``uses``: threshold_weights'
-    {weight: [Use]} — a weight may be edited only if every reader of it belongs to the group.
-    A producer parameter read elsewhere too (exporters merge equal initializers, e.g. the
-    LayerNorm gammas of a freshly initialised model) is given a private copy by
-    ``unshare(producer, names) -> Producer | None`` when the backend can.
+    ``readers(value)``: the names of the nodes reading ``value`` (:data:`OUTPUT` for a graph
+    output or a read inside a subgraph). ``uses``: threshold_weights' {weight: [Use]} — a weight
+    may be edited only if every reader of it belongs to the group. A producer parameter read
+    elsewhere too (exporters merge equal initializers, e.g. the LayerNorm gammas of a freshly
+    initialised model) is given a private copy by ``unshare(producer, names) -> Producer |
+    None`` when the backend can.
+
+    ``mode="insert"``: a norm whose output also reaches something other than Linears (post-norm
+    models: the residual Add) is smoothed by a new ``x · (1/s)`` in front of its Linears
+    (``Group.inserts``: value → the Linears rewired to read the scaled copy) instead of a fold.
     """
     groups, skipped = [], {}
     for p in producers:
-        consumers, reason = _consumers(view, p, readers)
-        if reason is None:
-            reason = _shared_weights(consumers, uses)
+        consumers, reads, blockers = _consumers(view, p, readers)
+        reason = blockers[0] if blockers else None
+        if not consumers and reason is None:
+            reason = "nothing reads its output"
+        if consumers:
+            weight_reason = _shared_weights(consumers, uses)
+            if weight_reason is not None:
+                skipped[p.node] = weight_reason
+                continue
         if reason is None:
             shared = _shared_params(p, uses)
             private = unshare(p, shared) if shared and unshare is not None else None
@@ -93,40 +120,42 @@ def plan(view, producers: list[Producer], readers, uses: dict,
                 p, shared = private, []
             if shared:
                 reason = f"its parameter {shared[0]} is also read by another node"
-        if reason is not None:
+        if reason is None:
+            groups.append(Group(p, tuple(consumers)))
+        elif mode == "insert" and consumers and p.kind != "linear":
+            groups.append(Group(p, tuple(consumers),
+                                tuple((v, tuple(ns)) for v, ns in reads.items())))
+        else:
             skipped[p.node] = reason
-            continue
-        groups.append(Group(p, tuple(consumers)))
     return groups, skipped
 
 
-def _consumers(view, p: Producer, readers) -> tuple[list[Consumer], str | None]:
-    out, frontier, seen = [], [p.out], set()
+def _consumers(view, p: Producer, readers) -> tuple[list[Consumer], dict, list[str]]:
+    """The Linears reading the producer's output (through reshapes / identities that keep the
+    features last), {value: [Linear nodes reading it]}, and why it cannot be folded."""
+    out, reads, blockers = [], {}, []
+    frontier, seen = [p.out], set()
     while frontier:
         v = frontier.pop()
         if v in seen:
             continue
         seen.add(v)
-        names = readers(v)
-        if names is None:
-            return [], f"its output {v} is a graph output or read inside a subgraph"
-        if not names:
-            continue
-        for name in names:
+        for name in readers(v):
             n = view.by_name.get(name)
-            if n is None:
-                return [], f"its output is read by {name}, which is not a Linear"
-            if n.op == "linear" and n.inputs and n.inputs[0] == v:
+            if name == OUTPUT or n is None:
+                blockers.append(f"its output {v} is a graph output or read inside a subgraph"
+                                if name == OUTPUT else
+                                f"its output is read by {name}, which is not a Linear")
+            elif n.op == "linear" and n.inputs and n.inputs[0] == v:
                 out.append(Consumer(n.name, n.attrs["weight"], n.attrs["layout"]))
+                reads.setdefault(v, []).append(n.name)
             elif n.op in ("reshape", "identity") and n.inputs[:1] == [v] \
                     and _last(view.shape(v)) == p.features \
                     and _last(view.shape(n.outputs[0])) == p.features:
                 frontier.extend(n.outputs[:1])  # the features stay on the last axis
             else:
-                return [], f"its output is read by {name} ({n.op}), which is not a Linear"
-    if not out:
-        return [], "nothing reads its output"
-    return out, None
+                blockers.append(f"its output is read by {name} ({n.op}), which is not a Linear")
+    return out, reads, blockers
 
 
 def _last(shape) -> int | None:
@@ -171,24 +200,30 @@ def weight_absmax(weights: list[np.ndarray], layouts: list[str]) -> np.ndarray:
 
 
 def fold(get, set_, group: Group, s: np.ndarray) -> None:
-    """Divide the producer's per-feature parameters by s, multiply the consumers' input
-    columns by s (through ``get(name)`` / ``set_(name, array)``)."""
+    """Divide the producer's per-feature parameters by s (fold mode; insert mode leaves them
+    and the caller inserts the 1/s), multiply the consumers' input columns by s (through
+    ``get(name)`` / ``set_(name, array)``)."""
     p = group.producer
+    if not group.inserts:
+        _fold_producer(get, set_, p, s)
+    for name in dict.fromkeys(c.weight for c in group.consumers):
+        layout = next(c.layout for c in group.consumers if c.weight == name)
+        w = get(name)
+        c = canonical(w.astype(np.float64), layout) * s[None, :]
+        set_(name, canonical(c, layout).astype(w.dtype))
+
+
+def _fold_producer(get, set_, p: Producer, s: np.ndarray) -> None:
     if p.kind in ("layernorm", "scale"):
         for key in ("gamma", "beta"):
             name = p.params.get(key)
             if name is not None:
                 v = get(name)
                 set_(name, (v.astype(np.float64) / s.reshape(v.shape)).astype(v.dtype))
-    else:
-        w = get(p.params["weight"])
-        c = canonical(w.astype(np.float64), p.params["layout"]) / s[:, None]
-        set_(p.params["weight"], canonical(c, p.params["layout"]).astype(w.dtype))
-        if p.params.get("bias") is not None:
-            b = get(p.params["bias"])
-            set_(p.params["bias"], (b.astype(np.float64) / s.reshape(b.shape)).astype(b.dtype))
-    for name in dict.fromkeys(c.weight for c in group.consumers):
-        layout = next(c.layout for c in group.consumers if c.weight == name)
-        w = get(name)
-        c = canonical(w.astype(np.float64), layout) * s[None, :]
-        set_(name, canonical(c, layout).astype(w.dtype))
+        return
+    w = get(p.params["weight"])
+    c = canonical(w.astype(np.float64), p.params["layout"]) / s[:, None]
+    set_(p.params["weight"], canonical(c, p.params["layout"]).astype(w.dtype))
+    if p.params.get("bias") is not None:
+        b = get(p.params["bias"])
+        set_(p.params["bias"], (b.astype(np.float64) / s.reshape(b.shape)).astype(b.dtype))

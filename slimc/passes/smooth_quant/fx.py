@@ -3,12 +3,13 @@ reads a value. Smoothing itself only rewrites weights (Graph.set_weight): no gra
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.fx
 
 from ...ir.fx import _fetch
 from ...ir.view import View
-from ._math import Producer
+from ._math import OUTPUT, Producer
 
 aten = torch.ops.aten
 
@@ -64,11 +65,8 @@ def producers(gm: torch.fx.GraphModule, view: View) -> list[Producer]:
 def readers(gm: torch.fx.GraphModule):
     nodes = {n.name: n for n in gm.graph.nodes}
 
-    def read(value: str) -> list[str] | None:
-        users = list(nodes[value].users)
-        if any(u.op != "call_function" for u in users):
-            return None  # the graph output
-        return [u.name for u in users]
+    def read(value: str) -> list[str]:
+        return [u.name if u.op == "call_function" else OUTPUT for u in nodes[value].users]
     return read
 
 
@@ -98,3 +96,26 @@ def unshare(gm: torch.fx.GraphModule):
         gm.recompile()
         return replace(p, params=params)
     return run
+
+
+def insert_scale(gm: torch.fx.GraphModule, value: str, readers: list[str],
+                 inv_s: np.ndarray) -> None:
+    """y = value · inv_s (a new buffer on the root module), read by ``readers`` instead of
+    ``value``."""
+    from ..quantize.fx import set_meta, set_meta_const
+    nodes = {n.name: n for n in gm.graph.nodes}
+    src = nodes[value]
+    name, i = "smooth_quant_scale", 0
+    while hasattr(gm, f"{name}{i}"):
+        i += 1
+    gm.register_buffer(f"{name}{i}", torch.from_numpy(np.ascontiguousarray(inv_s)))
+    with gm.graph.inserting_after(src):
+        attr = gm.graph.get_attr(f"{name}{i}")
+    with gm.graph.inserting_after(attr):
+        mul = gm.graph.call_function(aten.mul.Tensor, (src, attr))
+    set_meta_const(gm, attr, src)
+    set_meta(mul)
+    for r in readers:
+        nodes[r].replace_input_with(src, mul)
+    gm.graph.lint()
+    gm.recompile()

@@ -9,7 +9,7 @@ import onnx
 from ...ir.onnx import _attr, constants, get_weight
 from ...ir.view import View
 from ..quantize.onnx import node_names
-from ._math import Producer
+from ._math import OUTPUT, Producer
 
 
 def _vector(model, consts, value: str) -> str | None:
@@ -83,8 +83,8 @@ def readers(model: onnx.ModelProto):
     for n in model.graph.node:
         hidden |= _subgraph_names(n)
 
-    def read(value: str) -> list[str] | None:
-        return None if value in hidden else direct.get(value, [])
+    def read(value: str) -> list[str]:
+        return direct.get(value, []) + ([OUTPUT] if value in hidden else [])
     return read
 
 
@@ -103,16 +103,39 @@ def unshare(model: onnx.ModelProto):
             return None
         n = by_name[p.node]
         inits = {i.name for i in model.graph.initializer}
-        if any(name not in inits or name not in n.input for name in names):
+        consts = constants(model)  # the node may read the initializer through Identity
+
+        def reads(name):
+            return [i for i, v in enumerate(n.input) if consts.get(v) == (name, False)]
+        if any(name not in inits or not reads(name) for name in names):
             return None
         fresh = Namer(model)
         params = dict(p.params)
         for name in names:
             new = fresh(f"{name}_{p.node.strip('/').replace('/', '_')}")
             model.graph.initializer.append(numpy_helper.from_array(get_weight(model, name), new))
-            for i, v in enumerate(n.input):
-                if v == name:
-                    n.input[i] = new
+            for i in reads(name):
+                n.input[i] = new
             params = {k: (new if v == name else v) for k, v in params.items()}
         return replace(p, params=params)
     return run
+
+
+def insert_scale(model: onnx.ModelProto, value: str, readers: list[str],
+                 inv_s: np.ndarray) -> None:
+    """y = Mul(value, inv_s) (a new initializer), read by ``readers`` instead of ``value``."""
+    from onnx import helper, numpy_helper
+
+    from ..quantize.onnx import Namer, toposort
+    fresh = Namer(model)
+    by_name = dict(zip(node_names(model), model.graph.node))
+    scale, out = fresh(f"{value}_smooth_scale"), fresh(f"{value}_smoothed")
+    model.graph.initializer.append(numpy_helper.from_array(inv_s.astype(np.float32), scale))
+    for r in readers:
+        n = by_name[r]
+        for i, v in enumerate(n.input):
+            if v == value:
+                n.input[i] = out
+    model.graph.node.append(helper.make_node("Mul", [value, scale], [out],
+                                             name=fresh(f"{value}_SmoothQuant_Mul")))
+    toposort(model)
