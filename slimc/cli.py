@@ -305,6 +305,8 @@ def optimize_steps(args) -> list[tuple[str, dict]]:
         opts = {"method": args.method}
         if args.smooth is not None:
             opts["smooth"] = args.smooth
+            if args.smooth_mode != "fold":
+                opts["smooth_mode"] = args.smooth_mode
         steps.append(("quantize", opts))
         steps.append(("fold_fake_quant", {}))
     if not args.no_cleanup:
@@ -486,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--smooth", type=float, metavar="ALPHA",
                    help="SmoothQuant before --quantize int8: migration strength in [0, 1] "
                    "(needs --calib)")
+    s.add_argument("--smooth-mode", default="fold", choices=["fold", "insert"],
+                   help="fold: only where the factors fold exactly into a LayerNorm/Linear; "
+                   "insert: also post-norm models (BERT) with a per-channel Mul")
     s.add_argument("--calib", metavar="DATA.npz",
                    help="calibration batches: per input an array of shape (N, *input_shape)")
     s.add_argument("--no-cleanup", action="store_true", help="skip the final cleanup pass")

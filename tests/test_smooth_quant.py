@@ -298,3 +298,5 @@ def test_cli_wanda_and_smoothquant_flags(model, tmp_path):
     # magnitude thresholding with --calib (for quantize) works too
     assert main(["optimize", str(src), "-o", str(out), "--sparsity", "0.5", "--quantize",
                  "int8", "--calib", str(npz)]) == 0
+    assert main(["optimize", str(src), "-o", str(out), "--quantize", "int8", "--smooth", "0.5",
+                 "--smooth-mode", "insert", "--calib", str(npz)]) == 0
