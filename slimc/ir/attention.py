@@ -4,7 +4,11 @@ An attention block is recognised from its core, not from module names:
 
 * decomposed: ``scores = matmul(q, kᵀ)`` → (scale / mask, elementwise) → ``softmax`` →
   ``matmul(probs, v)``; or
-* fused: one ``sdpa`` node reading q, k, v.
+* fused: one ``sdpa`` node reading q, k, v; or
+* a fused attention operator (``attention_op``): onnxruntime's ``com.microsoft::Attention``
+  (input projection inside the op: one merged QKV weight, sections by ``qkv_hidden_sizes``),
+  ``com.microsoft::MultiHeadAttention`` / ``GroupQueryAttention`` and the standard
+  ``Attention`` (opset 23), which read q, k and v after their projections.
 
 From q, k and v we walk *up* through data-preserving ops (reshape, transpose, RoPE's
 elementwise arithmetic, repeat_kv's expand) to the first projection (``linear``); from the
@@ -103,6 +107,41 @@ def _through_elementwise_up(view: View, value: str) -> VNode | None:
     return None
 
 
+def _op_nodes(node: VNode) -> dict:
+    """What a block built on a fused attention op records of it (``AttentionBlock.nodes``)."""
+    a = node.attrs
+    out = {"op": node.name, "op_type": a["op_type"], "head_inputs": list(a["head_inputs"]),
+           "present": list(a.get("present", ()))}
+    for key in ("packed_bias", "refuse"):
+        if a.get(key):
+            out[key] = a[key]
+    return out
+
+
+def _packed_block(view: View, node: VNode):
+    """com.microsoft::Attention: the input projection is inside the op (one merged weight)."""
+    a = node.attrs
+    p = a["packed"]
+    heads = a["num_heads"]
+    sizes = p["sizes"]
+    if not heads or sizes[0] % heads:
+        return None
+    head_dim = sizes[0] // heads
+    o = _down_to_projection(view, node.outputs[0])
+    if o is None:
+        return None
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    lins = [Linear(node=node.name, weight=p["weight"], bias=p["bias"], layout=p["layout"],
+                   in_features=p["in_features"], out_features=size, rows=(st, st + size))
+            for st, size in zip(starts, sizes)]
+    o_l = _linear(o, None)
+    if o_l.in_features != sizes[2]:
+        return None
+    nodes = dict(_op_nodes(node), q=node.name, k=node.name, v=node.name, o=o.name,
+                 packed_weight=True)
+    return (node.order, *lins, o_l, heads, heads, head_dim, "op", nodes)
+
+
 def _linear(node: VNode, rows: tuple[int, int] | None) -> Linear:
     a = node.attrs
     out = a["out_features"] if rows is None else rows[1] - rows[0]
@@ -123,10 +162,128 @@ def _block_name(names: list[str], layer: int) -> str:
     return f"attention_{layer}"
 
 
+# Fused attention operators (ONNX op type -> per-op facts). ``heads``: inputs that carry a head
+# axis (port -> axis), sliced with the heads; ``past``: key/value cache inputs and ``present``:
+# cache outputs (their head axis would change the model's interface, so pruning refuses them).
+FUSED_ATTENTION = {
+    "Attention": None,  # com.microsoft::Attention or ai.onnx::Attention, told apart by domain
+    "MultiHeadAttention": None,
+    "GroupQueryAttention": None,
+}
+_OPS = {
+    "com.microsoft::Attention": {"heads": {5: 1}, "past": (4,), "present": (1,)},
+    "com.microsoft::MultiHeadAttention": {"heads": {5: 1}, "past": (6, 7), "present": (1, 2, 3)},
+    "com.microsoft::GroupQueryAttention": {"heads": {10: 1, 11: 0}, "past": (3, 4),
+                                           "present": (1, 2, 3), "refuse": (12, 13)},
+    "Attention": {"heads": {3: -3}, "past": (4, 5), "present": (1, 2, 3)},
+}
+
+
+def _onnx_attr(node, name, default=None):
+    import onnx
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def fused_attention(name: str, node, consts: dict, shapes: dict,
+                    parameters=lambda value: 0) -> VNode:
+    """The :class:`VNode` of a fused ONNX attention operator (``op="attention_op"``).
+
+    attrs: ``op_type``; ``num_heads`` / ``kv_num_heads``; ``packed`` (com.microsoft::Attention:
+    weight, bias, layout, in_features and the q/k/v widths of its merged projection);
+    ``packed_bias`` (MultiHeadAttention's q|k|v bias input); ``rank`` of q (3: [B, S, H·d];
+    4: [B, H, S, d]); ``head_inputs`` [(port, axis, constant, parameters per head)] that carry
+    a head axis (``parameters(value)``: how many of a constant's elements count as parameters);
+    ``refuse``: why pruning this op would be wrong (a key/value cache crosses the model's
+    interface); ``unsupported``: why no attention block can be built (packed QKV with no
+    projection in sight).
+    """
+    op_type = (f"{node.domain}::" if node.domain not in ("", "ai.onnx") else "") + node.op_type
+    facts = _OPS[op_type]
+    ins = list(node.input) + [""] * 16
+    heads = int(_onnx_attr(node, "num_heads", 0) or _onnx_attr(node, "q_num_heads", 0) or 0)
+    kv = int(_onnx_attr(node, "kv_num_heads", 0) or heads)
+    attrs: dict = {"op_type": op_type, "num_heads": heads, "kv_num_heads": kv}
+    qshape = shapes.get(ins[0]) or ()
+    attrs["rank"] = len(qshape)
+    kshape = shapes.get(ins[1]) or ()
+    if len(qshape) == 4 and len(kshape) == 4 and not _onnx_attr(node, "q_num_heads"):
+        heads, kv = qshape[1], kshape[1]  # [B, H, S, d]: the heads are an axis of q and k
+        attrs.update(num_heads=heads, kv_num_heads=kv)
+    data = [ins[0]]
+    if op_type == "com.microsoft::Attention":
+        w = consts.get(ins[1])
+        wshape = shapes.get(w[0]) if w else None
+        sizes = _onnx_attr(node, "qkv_hidden_sizes")
+        if w is None or not wshape or len(wshape) != 2:
+            attrs["unsupported"] = (f"{op_type} {name}: its QKV weight is not a constant "
+                                    "matrix, so there are no per-head rows to slice")
+        else:
+            layout = "out_in" if w[1] else "in_out"
+            total = wshape[0] if layout == "out_in" else wshape[1]
+            sizes = tuple(int(x) for x in sizes) if sizes else (total // 3,) * 3
+            b = consts.get(ins[2]) if ins[2] else None
+            attrs["packed"] = {"weight": w[0], "bias": b[0] if b else None, "layout": layout,
+                               "in_features": int(wshape[1] if layout == "out_in"
+                                                  else wshape[0]), "sizes": sizes}
+            if sizes[0] != sizes[1] or sizes[0] != sizes[2]:
+                attrs["unsupported"] = (f"{op_type} {name}: qkv_hidden_sizes {list(sizes)} give "
+                                        "the values another head size than the queries")
+    else:
+        if not ins[1] or not ins[2] or attrs["rank"] not in (3, 4):
+            attrs["unsupported"] = (
+                f"{op_type} {name} reads packed QKV (query of shape {tuple(qshape)}, no separate "
+                "key and value): there is no projection per q, k, v whose head rows slimc could "
+                "slice")
+        data = [ins[0], ins[1], ins[2]]
+        if op_type == "com.microsoft::MultiHeadAttention" and ins[3]:
+            b = consts.get(ins[3])
+            if b is None:
+                attrs["unsupported"] = (f"{op_type} {name}: its packed q|k|v bias is computed, "
+                                        "not a constant")
+            else:
+                attrs["packed_bias"] = b[0]
+        if op_type == "com.microsoft::MultiHeadAttention" and "unsupported" not in attrs \
+                and len(shapes.get(ins[1]) or ()) != 3:
+            attrs["unsupported"] = (f"{op_type} {name}: key has shape "
+                                    f"{tuple(shapes.get(ins[1]) or ())}; slimc prunes the form "
+                                    "with 3-D query, key and value projections")
+    head_inputs = []
+    for port, axis in facts["heads"].items():
+        if ins[port]:
+            shape = shapes.get(ins[port]) or ()
+            if len(shape) >= (-axis if axis < 0 else axis + 1) and shape[axis] == heads != 1:
+                const = ins[port] in consts
+                head_inputs.append((port, axis, const,
+                                    parameters(ins[port]) // heads if const else 0))
+    attrs["head_inputs"] = head_inputs
+    past = [ins[p] for p in facts["past"] if ins[p]]
+    outs = list(node.output)
+    present = [outs[p] for p in facts["present"] if p < len(outs) and outs[p]]
+    refuse = [ins[p] for p in facts.get("refuse", ()) if ins[p]]
+    if past or refuse:
+        attrs["refuse"] = (f"{op_type} {name} reads a key/value cache or quantized cache "
+                           f"({', '.join(past + refuse)}) whose head axis comes from outside the "
+                           "model")
+    attrs["present"] = present
+    return VNode(name, "attention_op", [d for d in data if d], outs[:1], attrs)
+
+
 def find_attention(view: View) -> list[AttentionBlock]:
     cores = []
+    packed = []
     for node in view.nodes:
-        if node.op == "sdpa" and len(node.inputs) >= 3:
+        if node.op == "attention_op":
+            if node.attrs.get("unsupported"):
+                continue
+            if "packed" in node.attrs:
+                packed.append(node)
+            elif len(node.inputs) >= 3:
+                cores.append((node, node.inputs[0], node.inputs[1], node.inputs[2],
+                              node.outputs[0], _op_nodes(node), "op"))
+        elif node.op == "sdpa" and len(node.inputs) >= 3:
             cores.append((node, node.inputs[0], node.inputs[1], node.inputs[2], node.outputs[0],
                           {"sdpa": node.name}, "sdpa"))
         elif node.op == "softmax":
@@ -138,12 +295,16 @@ def find_attention(view: View) -> list[AttentionBlock]:
                           {"scores": qk.name, "softmax": node.name, "context": av.name},
                           "softmax"))
 
-    blocks: list[AttentionBlock] = []
+    blocks: list = [b for b in (_packed_block(view, n) for n in packed) if b is not None]
     for core, q, k, v, out, nodes, form in cores:
         qshape = view.shape(q)
         if not qshape or not isinstance(qshape[-1], int):
             continue
         head_dim = qshape[-1]
+        if form == "op" and core.attrs["rank"] == 3:  # [B, S, H·d]: the op splits the heads
+            if not core.attrs["num_heads"] or qshape[-1] % core.attrs["num_heads"]:
+                continue
+            head_dim = qshape[-1] // core.attrs["num_heads"]
         found = [_up_to_projection(view, x) for x in (q, k, v)]
         if any(f is None for f in found):
             continue
@@ -171,6 +332,9 @@ def find_attention(view: View) -> list[AttentionBlock]:
         o_l = _linear(o, None)
         if o_l.in_features != q_l.out_features:
             continue
+        if form == "op" and (num_heads, num_kv) != (core.attrs["num_heads"],
+                                                   core.attrs["kv_num_heads"]):
+            continue
         nodes = dict(nodes, q=qn.name, k=kn.name, v=vn.name, o=o.name)
         blocks.append((core.order, q_l, k_l, v_l, o_l, num_heads, num_kv, head_dim, form, nodes))
 
@@ -183,3 +347,9 @@ def find_attention(view: View) -> list[AttentionBlock]:
                                      head_dim=d, q=q_l, k=k_l, v=v_l, o=o_l, form=form,
                                      nodes=nodes))
     return result
+
+
+def unsupported_attention(view: View) -> list[str]:
+    """Why each fused attention op of the view yields no attention block (in words)."""
+    return [n.attrs["unsupported"] for n in view.nodes
+            if n.op == "attention_op" and n.attrs.get("unsupported")]

@@ -49,7 +49,7 @@ class AttentionBlock:
     k: Linear
     v: Linear
     o: Linear
-    form: str  # "softmax" (decomposed MatMul/Softmax/MatMul) or "sdpa" (one fused op)
+    form: str  # "softmax" (MatMul/Softmax/MatMul), "sdpa" (one fused op), "op" (ONNX Attention ops)
     nodes: dict = field(default_factory=dict, compare=False)
 
     @property

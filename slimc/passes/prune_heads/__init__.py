@@ -37,6 +37,10 @@ def _check_ratio(ratio) -> float:
 
 def _why_no_attention(graph) -> str:
     """Why discovery found nothing, when the graph has attention-like ops at all."""
+    from ...ir.attention import unsupported_attention
+    refused = unsupported_attention(graph.view())
+    if refused:  # fused attention ops it had to pass over, and why
+        return "Discovery found no attention block it can prune: " + "; ".join(refused) + "."
     hist = graph.op_histogram()
     cores = {k: v for k, v in hist.items()
              if k.split("::")[-1].split(".")[0] in ("Softmax", "softmax", "_softmax",
@@ -138,6 +142,9 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
         "removed": {p.layer: list(p.removed) for p in plans},
         "params_before": params_before,
     }
+    if plans and graph.backend == "onnx":  # refuse before anything runs the model
+        from .onnx import check_attention_ops
+        check_attention_ops(graph.native, [p for p in plans if not p.empty])
     if plans:
         from .report import count_flops
         flops_before = count_flops(graph)

@@ -168,7 +168,8 @@ def _rows_axis(lin: Linear) -> int:
 @dataclass(frozen=True)
 class WeightEdit:
     """Keep ``index`` along ``axis`` of the weight ``name`` (the ``role`` projection's weight or
-    bias); ``node`` is the projection node that reads it."""
+    bias); ``node`` is the projection node that reads it, ``port`` its input position when the
+    node is a fused attention op that takes the weight itself."""
 
     name: str
     axis: int
@@ -176,6 +177,7 @@ class WeightEdit:
     role: str
     node: str
     bias: bool = False
+    port: int | None = None
 
 
 def weight_edits(plan: BlockPlan) -> list:
@@ -185,17 +187,25 @@ def weight_edits(plan: BlockPlan) -> list:
     q_keep = _head_rows(plan.keep_q, d)
     kv_keep = _head_rows(plan.keep_kv, d)
     edits = []
+    inside = bool(b.nodes.get("packed_weight"))  # com.microsoft::Attention's own weight
     if b.fused_qkv:
         starts = [lin.rows[0] for lin in (b.q, b.k, b.v)]
         idx = np.concatenate([q_keep + starts[0], kv_keep + starts[1], kv_keep + starts[2]])
-        edits.append(WeightEdit(b.q.weight, _rows_axis(b.q), idx, "qkv", b.q.node))
+        edits.append(WeightEdit(b.q.weight, _rows_axis(b.q), idx, "qkv", b.q.node,
+                                port=1 if inside else None))
         if b.q.bias:
-            edits.append(WeightEdit(b.q.bias, 0, idx, "qkv", b.q.node, bias=True))
+            edits.append(WeightEdit(b.q.bias, 0, idx, "qkv", b.q.node, bias=True,
+                                    port=2 if inside else None))
     else:
         for role, lin, keep in (("q", b.q, q_keep), ("k", b.k, kv_keep), ("v", b.v, kv_keep)):
             edits.append(WeightEdit(lin.weight, _rows_axis(lin), keep, role, lin.node))
             if lin.bias:
                 edits.append(WeightEdit(lin.bias, 0, keep, role, lin.node, bias=True))
+    if b.nodes.get("packed_bias"):  # MultiHeadAttention's bias input: [b_q | b_k | b_v]
+        qw, kw = b.num_heads * d, b.num_kv_heads * d
+        idx = np.concatenate([q_keep, qw + kv_keep, qw + kw + kv_keep])
+        edits.append(WeightEdit(b.nodes["packed_bias"], 0, idx, "qkv", b.nodes["op"],
+                                bias=True, port=3))
     edits.append(WeightEdit(b.o.weight, 1 - _rows_axis(b.o), q_keep, "o", b.o.node))
     return edits
 
@@ -210,6 +220,10 @@ def removed_parameters(plan: BlockPlan) -> int:
     dq = (b.num_heads - len(plan.keep_q)) * b.head_dim
     dkv = (b.num_kv_heads - len(plan.keep_kv)) * b.head_dim
     n = dq * b.q.in_features + dkv * (b.k.in_features + b.v.in_features) + dq * b.o.out_features
+    if b.nodes.get("packed_bias"):
+        n += dq + 2 * dkv
+    # constant per-head side inputs of a fused attention op (attention bias, head sinks)
+    n += (b.num_heads - len(plan.keep_q)) * sum(e[3] for e in b.nodes.get("head_inputs", ()))
     if b.fused_qkv:
         return n + (dq + 2 * dkv if b.q.bias else 0)
     return n + (dq if b.q.bias else 0) + (dkv if b.k.bias else 0) + (dkv if b.v.bias else 0)

@@ -47,7 +47,9 @@ class ShapeOp:
 
     kinds: ``pointwise`` (output shape = broadcast of the inputs), ``reshape``, ``permute``
     (attrs perm), ``matmul``, ``linear`` (attrs o_block: the pruned block whose output projection
-    this is, or None), ``sdpa`` (inputs q, k, v[, mask]), ``expand``, ``split`` / ``select`` /
+    this is, or None), ``sdpa`` (inputs q, k, v[, mask]), ``attention_op`` (a fused ONNX
+    attention op: inputs q, k, v; attrs rank; its per-head side inputs are the adapter's),
+    ``expand``, ``split`` / ``select`` /
     ``concat`` (attrs axis), ``slice`` (attrs slices), ``take`` (attrs axis, index_shape),
     ``identity``, ``shape``
     (outputs hold shape data, not head-carrying tensors), ``sink`` (no tensor output) and
@@ -215,6 +217,16 @@ def _sdpa(op, ins, outs, ctx):
     return result
 
 
+def _attention_op(op, ins, outs, ctx):
+    """A fused attention op (ONNX MultiHeadAttention, GroupQueryAttention, Attention) reading
+    q, k, v: with 3-D inputs ([B, S, H·d]) the output has q's layout (query heads × head size);
+    with 4-D inputs ([B, H, S, d]) it is q's shape with v's head size, like SDPA."""
+    q, v = ins[0], ins[2]
+    if op.attrs.get("rank") == 3:
+        return [list(q[:-1]) + [q[-1]]]
+    return [list(q[:-1]) + [v[-1]]]
+
+
 def _expand(op, ins, outs, ctx):
     d, out = ins[0], outs[0]
     rank = len(out)
@@ -315,6 +327,7 @@ def _sink(op, ins, outs, ctx):
 
 _RULES = {"pointwise": _pointwise, "reshape": _reshape, "permute": _permute,
           "identity": _identity, "matmul": _matmul, "linear": _linear, "sdpa": _sdpa,
+          "attention_op": _attention_op,
           "expand": _expand, "split": _split, "slice": _slice, "select": _select,
           "concat": _concat, "shape": _shape, "sink": _sink, "take": _take}
 

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 
 from ...errors import PassError, UnsupportedError
 from ...ir import onnx as ir_onnx
+from ...ir.attention import FUSED_ATTENTION
 from . import _math
 from ._shapes import HeadShapeError, ShapeOp, plain_dims, propagate
 
@@ -83,7 +84,13 @@ def _translate(model, shapes: dict, consts: dict, o_nodes: dict) -> list:
         outs = [o for o in n.output if o]
         attrs = {"op": t}
         data = n.input[0] if n.input else None
-        if t in _RESHAPE:
+        if _fused_attention(n):
+            if t == "Attention" and n.domain == "com.microsoft":  # projections inside the op
+                ops.append(ShapeOp(name, "opaque", [data], outs[:1], attrs))
+            else:  # q, k, v after their projections; side inputs are handled by _attention_ops
+                ops.append(ShapeOp(name, "attention_op", ins[:3], outs[:1],
+                                   dict(attrs, rank=len(shapes[data]))))
+        elif t in _RESHAPE:
             ops.append(ShapeOp(name, "reshape", [data], outs, attrs))
         elif t == "Transpose":
             perm = _attr(n, "perm") or list(reversed(range(len(shapes[data]))))
@@ -176,6 +183,10 @@ def _seeds(plans, names: dict, shapes: dict, consts: dict, editor: _Editor):
             consumers.setdefault(x, []).append(n)
     for p in plans:
         b = p.block
+        if b.nodes.get("packed_weight"):  # the op's own output is the first head-carrying value
+            out = names[b.nodes["op"]].output[0]
+            seeds[out] = plain_dims(shapes[out][:-1]) + [p.q_atoms()]
+            continue
         pairs = [(b.q, p.fused_atoms())] if b.fused_qkv else \
             [(b.q, p.q_atoms()), (b.k, p.kv_atoms()), (b.v, p.kv_atoms())]
         for lin, atoms in pairs:
@@ -203,7 +214,9 @@ def _slice_weights(model, editor: _Editor, plans, names: dict, consts: dict, bia
     for p in plans:
         for e in _math.weight_edits(p):
             node = names[e.node]
-            if e.bias and node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            if e.port is not None:  # an input of a fused attention op
+                idx = e.port
+            elif e.bias and node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
                 idx = 2
             elif e.bias:
                 site = next(s for s in bias_sites if s[2].node == e.node)
@@ -211,7 +224,7 @@ def _slice_weights(model, editor: _Editor, plans, names: dict, consts: dict, bia
             else:
                 idx = 1
             src, transposed = consts[node.input[idx]]
-            if e.bias:  # _seeds gave the bias a private initializer in the consumed layout
+            if e.bias and e.port is None:  # _seeds gave it a private initializer already
                 transposed = False
             new = _math.apply_edit(ir_onnx.get_weight(model, src), e)
             if transposed:
@@ -452,6 +465,7 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 def prune(model: onnx.ModelProto, plans: list, inputs) -> None:
     """Apply ``plans`` to ``model`` in place; ``inputs`` feed the shape probe."""
     _name_nodes(model)
+    check_attention_ops(model, [p for p in plans if not p.empty])
     shapes, values = probe_shapes(model, inputs)
     _, before_values = _live(model)
     editor = _Editor(model)
@@ -481,6 +495,7 @@ def prune(model: onnx.ModelProto, plans: list, inputs) -> None:
                                "architecture.") from None
     _slice_weights(model, editor, live, names, consts, bias_sites)
     _rewrite(model, editor, prop, shapes, consts, list(names), values)
+    _attention_ops(model, editor, live, consts)
     for out in model.graph.output:
         new = prop.new_shape(out.name)
         if new is not None:
@@ -490,6 +505,76 @@ def prune(model: onnx.ModelProto, plans: list, inputs) -> None:
     _drop_dead(model, before_values)
     _refresh_value_info(model, prop)
     _verify(model, inputs, prop)
+
+
+def _fused_attention(n) -> bool:
+    return n.op_type in FUSED_ATTENTION and n.domain in ("", "ai.onnx", "com.microsoft")
+
+
+def check_attention_ops(model, plans) -> None:
+    """Refuse fused attention ops whose head count crosses the model's interface: a key/value
+    cache fed from outside, or a present cache / attention-probability output that is read."""
+    read = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+    for p in plans:
+        nodes = p.block.nodes
+        if "op" not in nodes:
+            continue
+        what = f"{nodes['op_type']} {nodes['op']} (layer {p.layer})"
+        if nodes.get("refuse"):
+            raise UnsupportedError(f"Cannot prune heads of {what}: {nodes['refuse']}; "
+                                   "pruning would change the cache the caller feeds.",
+                                   "Export the model without a key/value cache (no past "
+                                   "inputs) to prune its heads.")
+        used = [o for o in nodes.get("present", ()) if o in read]
+        if used:
+            raise UnsupportedError(f"Cannot prune heads of {what}: its outputs {used} (the "
+                                   "key/value cache or the attention scores) carry the head "
+                                   "count and are read.",
+                                   "Export the model without present/qk outputs to prune its "
+                                   "heads.")
+
+
+_HEAD_ATTRS = {"com.microsoft::Attention": ("num_heads",),
+               "com.microsoft::MultiHeadAttention": ("num_heads",),
+               "com.microsoft::GroupQueryAttention": ("num_heads", "kv_num_heads"),
+               "Attention": ("q_num_heads", "kv_num_heads")}
+
+
+def _attention_ops(model, editor: _Editor, plans, consts) -> None:
+    """Give each pruned fused attention op its new head counts (attributes, the merged
+    projection's ``qkv_hidden_sizes``) and slice its per-head side inputs (attention bias,
+    masks with a head axis, head sinks): constants in place, computed ones through a
+    ``Gather`` on the head axis."""
+    for p in plans:
+        nodes = p.block.nodes
+        if "op" not in nodes:
+            continue
+        node = next(n for n in model.graph.node if n.name == nodes["op"])
+        d = p.block.head_dim
+        new = {"num_heads": len(p.keep_q), "q_num_heads": len(p.keep_q),
+               "kv_num_heads": len(p.keep_kv)}
+        for a in node.attribute:
+            if a.name in _HEAD_ATTRS[nodes["op_type"]]:
+                a.i = new[a.name]
+            elif a.name == "qkv_hidden_sizes":
+                del a.ints[:]
+                a.ints.extend([len(p.keep_q) * d, len(p.keep_kv) * d, len(p.keep_kv) * d])
+        keep = np.asarray(p.keep_q, dtype=np.int64)
+        for port, axis, *_ in nodes.get("head_inputs", ()):
+            value = node.input[port]
+            if value in consts and (value in editor.inits or consts[value][0] == value):
+                arr = _const_value(model, consts, value)
+                editor.set_input(node, port, np.ascontiguousarray(np.take(arr, keep, axis)),
+                                 f"{value}.pruned")
+                continue
+            idx = editor.fresh(f"{node.name}.kept_heads_{port}")
+            out = editor.fresh(f"{value}.kept_heads")
+            model.graph.initializer.append(numpy_helper.from_array(keep, idx))
+            gather = helper.make_node("Gather", [value, idx], [out], axis=axis, name=out)
+            pos = next(i for i, n in enumerate(model.graph.node) if n.name == node.name)
+            model.graph.node.insert(pos, gather)
+            node = model.graph.node[pos + 1]
+            node.input[port] = out
 
 
 def _verify(model, inputs, prop) -> None:
