@@ -191,6 +191,13 @@ def _is_weight(x) -> bool:
         x, "_dynamo_static_input_type", None) is not None)
 
 
+def _version(t) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: nothing to compare
+        return None
+
+
 def _is_symbolic(x) -> bool:
     import torch
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -200,22 +207,53 @@ def _is_symbolic(x) -> bool:
 
 _INPLACE_FUNCTIONS = ("setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod",
                       "ipow", "iand", "ior", "ixor", "ilshift", "irshift", "imatmul")
+# ops whose result may share memory with their first argument: a write into the result is a
+# write into the argument
+_VIEWS = ("view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "getitem",
+          "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "select", "expand",
+          "expand_as", "contiguous", "as_strided", "split", "chunk", "unbind", "movedim",
+          "swapaxes", "diagonal", "detach", "real", "imag", "unfold", "__getitem__")
+
+
+def _writes_in_place(n) -> str | None:
+    if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
+        return f"Tensor.{n.target}"
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        if name in _INPLACE_FUNCTIONS:
+            return f"operator.{name}"
+        if name.endswith("_") and not name.endswith("__"):
+            return name
+        if n.kwargs.get("inplace") is True or n.kwargs.get("out") is not None:
+            return f"{name}(inplace/out=)"
+    return None
+
+
+def _input_of(node):
+    """The graph input ``node`` may share memory with (through views), or None."""
+    import torch
+    seen = set()
+    while isinstance(node, torch.fx.Node) and node not in seen:
+        seen.add(node)
+        if node.op == "placeholder":
+            return node
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.op not in ("call_method", "call_function") or name not in _VIEWS \
+                or not node.args:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _mutation(gm) -> str | None:
-    """The first node that writes a tensor in place (TVM returns new tensors, so the caller
-    would never see the write)."""
+    """The first in-place write into a graph input (an argument, a weight, or a view of one).
+    TVM returns new tensors, so the caller would never see the write. Writes into the
+    subgraph's own intermediates (``nn.ReLU(inplace=True)``) are fine: export makes them
+    functional."""
     for n in gm.graph.nodes:
-        if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
-            return f"Tensor.{n.target}"
-        if n.op == "call_function":
-            name = getattr(n.target, "__name__", "")
-            if name in _INPLACE_FUNCTIONS:
-                return f"operator.{name}"
-            if name.endswith("_") and not name.endswith("__") and "inplace" not in name:
-                return name
-            if n.kwargs.get("inplace") is True or n.kwargs.get("out") is not None:
-                return f"{name}(inplace/out=)"
+        op = _writes_in_place(n)
+        if op and n.args and _input_of(n.args[0]) is not None:
+            return f"{op} on input {_input_of(n.args[0]).name}"
     return None
 
 
@@ -291,7 +329,7 @@ class _CompiledSubgraph:
                       for x in example_inputs]
         # the weights, by identity and version: a change after compiling means the library is
         # stale (see the module docstring)
-        self.weights = {i: (x, x._version) for i, x in enumerate(example_inputs)
+        self.weights = {i: (x, _version(x)) for i, x in enumerate(example_inputs)
                         if self.kinds[i] == "weight"}
         self.dynamic = any(_is_symbolic(x) for x in example_inputs)
         reason = self._refusal(example_inputs)
@@ -346,7 +384,7 @@ class _CompiledSubgraph:
         for i, (w, version) in self.weights.items():
             if args[i] is not w:
                 return f"weight input {i} was replaced after compiling"
-            if w._version != version:
+            if version is not None and _version(w) != version:
                 return (f"weight input {i} ({tuple(w.shape)}) was changed in place after "
                         "compiling; call torch._dynamo.reset() to compile with the new weights")
         return None

@@ -118,9 +118,31 @@ def test_in_place_write_falls_back():
             return x * 2
 
     x, y = torch.ones(3), torch.zeros(3)
-    with pytest.warns(SlimcFallbackWarning, match=r"in place \(Tensor.add_\)"):
+    with pytest.warns(SlimcFallbackWarning, match=r"in place \(Tensor.add_ on input l_y_\)"):
         got = torch.compile(Inplace(), backend="slimc")(x, y)
     assert torch.equal(got, x * 2) and torch.equal(y, torch.ones(3))
+
+
+def test_in_place_write_into_an_intermediate_still_compiles():
+    class Intermediate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.act = torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.mul_(2.0)  # h is the subgraph's own tensor: export makes this functional
+            return self.act(h) + 1
+
+    model, x = Intermediate().eval(), torch.randn(2, 4)
+    b = slimc.dynamo.backend()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", SlimcFallbackWarning)
+        got = torch.compile(model, backend=b)(x)
+        want = model(x)
+    assert b.subgraphs[0].eager_reason is None and len(b.subgraphs[0].shapes) == 1
+    assert _max_dev(got, want) <= TOL
 
 
 def test_dynamic_shapes_compile_per_shape_up_to_max_shapes():
