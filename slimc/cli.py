@@ -389,13 +389,20 @@ def load_plugins(specs: list[str]) -> None:
             if ep is not None:
                 ep.load()
             elif spec.endswith(".py"):
-                path = Path(spec)
+                path = Path(spec).resolve()
                 if not path.is_file():
                     raise InputFileError(f"--plugin {spec}: no such file.", "Check the path.")
+                loaded = sys.modules.get(path.stem)
+                if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+                    continue  # main() called twice in one process: registered already
                 mod_spec = importlib.util.spec_from_file_location(path.stem, path)
                 module = importlib.util.module_from_spec(mod_spec)
                 sys.modules[path.stem] = module
-                mod_spec.loader.exec_module(module)
+                try:
+                    mod_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[path.stem]
+                    raise
             else:
                 importlib.import_module(spec)
         except SlimcError:

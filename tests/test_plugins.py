@@ -230,3 +230,23 @@ def test_cli_plugin_shows_user_pass_and_rule(tmp_path, capsys):
     assert "user" in line and "neg(neg(x)) -> x." in line
     assert cli_main(["--plugin", str(tmp_path / "missing.py"), "passes"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+    # the plugin's pass and rule in a recipe given to `slimc optimize`
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 3, "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Neg", ["h"], ["n"]),
+             helper.make_node("Neg", ["n"], ["y"])]
+    graph = helper.make_graph(nodes, "negneg",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "m.onnx")
+    (tmp_path / "r.toml").write_text('[[passes]]\nname = "test_cli_plugin_pass"\nalpha = 2.0\n\n'
+                                     '[[passes]]\nname = "fuse"\n'
+                                     'rules = ["test_cli_plugin_rule"]\n')
+    rc = cli_main(["--plugin", str(plugin), "optimize", str(tmp_path / "m.onnx"), "--recipe",
+                   str(tmp_path / "r.toml"), "-o", str(tmp_path / "out.onnx")])
+    assert rc == 0, capsys.readouterr().err
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert [n.op_type for n in out.graph.node] == ["MatMul"]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(Graph("onnx", out).run(x)[0], x * 3, rtol=TOL, atol=TOL)
