@@ -176,6 +176,54 @@ def test_nan_weights_cli(tmp_path, capsys):
     assert np.isnan(w[3, 5]) and np.isfinite(np.delete(w.ravel(), 3 * w.shape[1] + 5)).all()
 
 
+def test_inf_weights_compile_faithfully(tmp_path):
+    """Infinite weights (as in additive -inf masks) compile, and the library computes what
+    onnxruntime computes, infinities and NaNs in the same places."""
+    import onnxruntime as ort
+    path = CORPUS / "inf_weights.onnx"
+    g = slimc.load(path)
+    x = g.sample_inputs()
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x[0]})[0]
+    assert np.isinf(want).any() and np.isnan(want).any()
+    got = slimc.runtime.load(slimc.compile(g).save(tmp_path / "art"))(*x)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_nan_weights_prune_heads():
+    """Head scores from NaN weights would rank heads arbitrarily: prune_heads by score refuses,
+    explicit heads={...} still works."""
+    import torch
+    from zoo import mha
+    module, inputs, _ = mha()
+    with torch.no_grad():
+        module.attn.in_proj_weight[3, 5] = float("nan")
+    g = slimc.capture(module, inputs)
+    for scope in ("global", "per_layer"):
+        with pytest.raises(SlimcError, match="not finite"):
+            passes.prune_heads(g, ratio=0.5, scope=scope)
+    assert passes.prune_heads(g, heads={0: [1]}).attention_blocks()[0].num_heads == 3
+
+
+@pytest.mark.parametrize("command", ["optimize", "compile"])
+def test_failed_command_keeps_old_output(command, tmp_path, capsys):
+    """A refused run leaves an output that was already there exactly as it was."""
+    if command == "optimize":
+        out = tmp_path / "model.onnx"
+        out.write_bytes(b"the previous model")
+        argv = ["optimize", str(CORPUS / "nan_weights.onnx"), "-o", str(out), "--sparsity", "0.5"]
+    else:
+        out = tmp_path / "artifact"
+        out.mkdir()
+        (out / "marker").write_text("the previous artifact")
+        argv = ["compile", str(CORPUS / "nan_weights.onnx"), "-o", str(out)]
+    before = _digest(tmp_path) if out.is_file() else _digest(out)
+    assert main(argv) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert (_digest(tmp_path) if out.is_file() else _digest(out)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
 # -- bit flips: onnx + onnxruntime are the oracle ---------------------------------------------
 def _oracle(path: Path, x: np.ndarray):
     """onnxruntime's outputs when onnx's checker and onnxruntime accept the file, else None."""

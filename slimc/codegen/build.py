@@ -93,6 +93,22 @@ def _import_onnx(graph: Graph) -> tvm.IRModule:
                                f"{_last_line(e)}", fix) from e
 
 
+def _refuse_nan_weights(graph: Graph) -> None:
+    """NaN weights compile into a library that silently computes something else: TVM's kernels
+    do not carry NaN through the way onnxruntime and torch do (a fused max(x, 0) turns it into
+    0). Infinite weights (additive masks of -inf) keep their meaning and are allowed."""
+    import numpy as np
+    bad = {name: int(np.isnan(w).sum()) for name, w in graph.weights().items()
+           if np.issubdtype(w.dtype, np.floating) and np.isnan(w).any()}
+    if bad:
+        listed = ", ".join(f"{k!r} ({n})" for k, n in list(bad.items())[:8])
+        raise UnsupportedError(
+            f"The model's weights hold NaN values: {listed}{' ...' if len(bad) > 8 else ''}. "
+            "TVM's kernels do not propagate NaN as onnxruntime and torch do, so the compiled "
+            "library would silently differ from the model.",
+            "Fix the weights first (slimc inspect lists every non-finite weight).")
+
+
 def _as_graph(graph) -> Graph:
     if isinstance(graph, Graph):
         return graph
@@ -287,6 +303,7 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
     device = device_kind(tgt)
     hook = schedule_hook(tune, db)
     graph = _as_graph(graph)
+    _refuse_nan_weights(graph)
     start = time.perf_counter()
     mod, inputs, outputs = to_relax(graph, input_shapes)
     if hook is not None:

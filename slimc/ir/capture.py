@@ -198,6 +198,8 @@ def _load_onnx(path: Path) -> Graph:
     _check_input_dims(model, path)
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
     external = any(uses_external_data(t) for t in model.graph.initializer)
+    if external:
+        _check_external_files(model, path)
     try:
         # before the external data is read: the checker on the file checks the references
         # (files exist, stay inside the model's folder) without holding the weights twice
@@ -219,6 +221,33 @@ def _load_onnx(path: Path) -> Graph:
     if not model.graph.output:
         raise InputFileError(f"{path} has no graph outputs.", "Re-export the model.")
     return Graph("onnx", model, history=["load"])
+
+
+def _check_external_files(model, path: Path) -> None:
+    """Each external weight's file exists inside the model's folder and holds its bytes."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    base = path.parent.resolve()
+    fix = ("Keep the .onnx file next to its external data file(s), with their original "
+           "names.")
+    for t in model.graph.initializer:
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        loc = info.location or ""
+        where = path.parent / loc
+        problem = f"{path} refers to external weight data that cannot be read: weight {t.name!r}"
+        if not loc or os.path.isabs(loc) or not where.resolve().is_relative_to(base):
+            raise InputFileError(f"{problem} is stored at {loc!r}, outside the model's folder.",
+                                 "slimc reads external data from the model's folder only; "
+                                 "move the file next to the model and fix its location.")
+        if not where.is_file():
+            raise InputFileError(f"{problem} is stored in {loc!r}, which does not exist.", fix)
+        size, offset = where.stat().st_size, int(info.offset or 0)
+        end = offset + (int(info.length) if info.length is not None else 0)
+        if offset > size or end > size:
+            raise InputFileError(f"{problem} needs bytes {offset}..{end} of {loc!r}, which has "
+                                 f"{size}.", f"The data file is truncated or from another "
+                                 f"export. {fix}")
 
 
 def _check_opset(model, path: Path) -> None:

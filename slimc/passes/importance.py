@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import OptionError, UnsupportedError
+from ..errors import OptionError, PassError, UnsupportedError
 from ..ir.graph import check_inputs
 
 SCORES = ("magnitude", "taylor", "attention", "wanda")
@@ -293,6 +293,15 @@ def head_scores(graph, score: str = "magnitude", calib=None, blocks: list | None
         scores = wanda_scores(graph, blocks, calibration_batches(graph, calib))
     else:
         scores = attention_scores(graph, blocks, calibration_batches(graph, calib))
+    bad = {layer: int(np.size(s) - np.isfinite(s).sum()) for layer, s in scores.items()
+           if not np.isfinite(s).all()}
+    if bad:  # NaN sorts anywhere: the ranking, and so the heads removed, would be arbitrary
+        raise PassError(f"The {score} head scores of layer(s) {sorted(bad)} are not finite "
+                        "(NaN or infinite): the attention weights"
+                        f"{'' if score == 'magnitude' else ' or the calibration activations'} "
+                        "hold non-finite values.",
+                        "Fix the model's weights (slimc inspect lists non-finite ones), or "
+                        "name the heads to remove with heads={...}.")
     return normalize_per_layer(scores) if normalize else scores
 
 
