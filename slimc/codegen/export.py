@@ -5,20 +5,19 @@ self-contained, one file to load, and TVM can fold and pre-pack weights at compi
 is a library as large as the weights (BERT-base: about 440 MB) and no swapping weights without
 compiling again.
 
-Saving is atomic: everything is written into a temporary directory beside the destination, then
-renamed into place, so a failed save leaves no partial artifact behind and a reader never sees a
-half-written one.
+Saving is atomic: everything is written into a temporary directory beside the destination,
+flushed, then swapped with the destination in one step (``slimc/_atomic.py``), so a failed or
+killed save leaves the previous artifact or the new one, never a partial one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
+from .._atomic import replace_dir, temp_dir
 from ..errors import ArtifactError, TargetError
 from ..runtime import FORMAT_VERSION, LIBRARY_FILE, METADATA_FILE, machine_arch
 
@@ -48,22 +47,6 @@ def _fcompile(triple: str, cc: str | None):
 
 def _is_artifact(path: Path) -> bool:
     return (path / METADATA_FILE).is_file()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``, replacing an artifact already there."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    os.rename(dst, trash / "previous")
-    try:
-        os.rename(src, dst)
-    except OSError:
-        os.rename(trash / "previous", dst)  # keep the previous artifact
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 class Artifact:
@@ -99,7 +82,7 @@ class Artifact:
                                 "replace it.", "Choose a new or empty directory.")
         fcompile = _fcompile(self.metadata["target"]["triple"], cc)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = temp_dir(path)
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
             lib = tmp / LIBRARY_FILE
@@ -112,7 +95,7 @@ class Artifact:
             meta = {"format_version": FORMAT_VERSION, **self.metadata,
                     "library_bytes": lib.stat().st_size}
             (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)   # swaps with a previous artifact in one step
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -357,41 +359,78 @@ def _check_initializer_sizes(model, path: Path) -> None:
                 "re-export it.")
 
 
-def _atomic_target(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+def _atomic_target(path: Path) -> Path:
+    from .._atomic import temp_file
+    return temp_file(path)
 
 
 def _save_onnx(model, path) -> None:
     """Save atomically: a temporary file in the same folder, renamed into place."""
-    import onnx
+    from .._atomic import replace_file
     path = Path(path)
-    tmp = _atomic_target(path)
+    tmp, tmp_data = _atomic_target(path), None
     try:
         if _size(model) < _EXTERNAL_DATA_THRESHOLD:
             tmp.write_bytes(model.SerializeToString())
-            os.replace(tmp, path)
+            replace_file(tmp, path)
+            _remove_old_data(path, keep=None)
             return
-        data_name = path.name + ".data"
-        tmp_data = _atomic_target(path.parent / data_name)
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        onnx.save_model(m, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=tmp_data.name, size_threshold=1024)
-        # the model refers to the data file by its final name
-        for t in m.graph.initializer:
+        # the weights go to a data file named after its content (same weights, same name), so
+        # the model already at ``path`` keeps its own data until the model file is replaced;
+        # then the old data files go
+        tmp_data = _atomic_target(path.parent / (path.name + ".data"))
+        m, digest = _external_copy(model, tmp_data)
+        data_name = f"{path.name}.{digest}.data"
+        for t in m.graph.initializer:   # the model refers to the data file by its final name
             for kv in t.external_data:
                 if kv.key == "location":
                     kv.value = data_name
-        onnx.save_model(m, str(tmp))
-        os.replace(tmp_data, path.parent / data_name)
-        os.replace(tmp, path)
+        tmp.write_bytes(m.SerializeToString())
+        replace_file(tmp_data, path.parent / data_name)
+        replace_file(tmp, path)
+        _remove_old_data(path, keep=data_name)
     finally:
-        for p in (tmp,):
-            if p.exists():
+        for p in (tmp, tmp_data):
+            if p is not None and p.exists():
                 p.unlink()
+
+
+def _external_copy(model, data_path: Path):
+    """``model`` with every initializer over 1 KiB moved to the file ``data_path`` (ONNX external
+    data); returns (that model, a digest of the data). The weights are written one tensor at a
+    time from ``model`` itself: no second copy of them in memory (onnx.save_model's external
+    data conversion edits the model it is given, which would need a full copy first)."""
+    import onnx
+
+    from .onnx import copy_except
+    m = onnx.ModelProto()
+    copy_except(model, m, {"graph"})
+    copy_except(model.graph, m.graph, {"initializer"})
+    digest = hashlib.blake2b()
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            if not t.HasField("raw_data") or t.ByteSize() <= 1024:
+                m.graph.initializer.append(t)
+                continue
+            raw = t.raw_data
+            stub = m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                            data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data_path.name), ("offset", str(f.tell())),
+                               ("length", str(len(raw)))):
+                stub.external_data.add(key=key, value=value)
+            f.write(raw)
+            digest.update(raw)
+            del raw
+    return m, digest.hexdigest()[:8]
+
+
+def _remove_old_data(path: Path, keep: str | None) -> None:
+    """Delete the external-data files of the model ``path`` replaced (``<name>.data`` or
+    ``<name>.<8 hex>.data``), all but ``keep``."""
+    old = re.compile(rf"{re.escape(path.name)}(\.[0-9a-f]{{8}})?\.data")
+    for p in path.parent.iterdir():
+        if p.name != keep and old.fullmatch(p.name):
+            p.unlink(missing_ok=True)
 
 
 def save(graph: Graph, path) -> None:
@@ -402,7 +441,8 @@ def save(graph: Graph, path) -> None:
         tmp = _atomic_target(path)
         try:
             torch.export.save(ep, str(tmp))
-            os.replace(tmp, path)
+            from .._atomic import replace_file
+            replace_file(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -45,9 +45,46 @@ def constants(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
     return consts
 
 
+def copy_except(src, dst, skip: frozenset | set = frozenset()) -> None:
+    """Copy the fields of protobuf message ``src`` into ``dst``, all but those in ``skip`` (a
+    model without its weights, without copying the weights first)."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.cpp_type == fd.CPPTYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+_STUB_BYTES = 1 << 16   # initializers above this lose their values in shape inference's copy
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its large initializers reduced to name, type and shape: what shape
+    inference reads of them. Small ones (shape tensors, scalars) keep their values, which
+    Reshape/Expand inference needs. Shape inference serializes the model and parses it back;
+    with the weights that is three copies of them (a 1B-parameter model: ~13 GB)."""
+    shell = onnx.ModelProto()
+    copy_except(model, shell, {"graph"})
+    copy_except(model.graph, shell.graph, {"initializer"})
+    for t in model.graph.initializer:
+        try:
+            small = t.ByteSize() <= _STUB_BYTES
+        except Exception:  # noqa: BLE001 - protobuf refuses to size a tensor over 2 GiB
+            small = False
+        if small:
+            shell.graph.initializer.append(t)
+        else:
+            shell.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return shell
+
+
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model), strict_mode=False)
     except Exception:  # noqa: BLE001 - shape inference is best effort here
         inferred = model
     shapes = {}
@@ -195,17 +232,22 @@ def op_histogram(model: onnx.ModelProto) -> Counter:
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
-    try:
-        return model.ByteSize()
-    except Exception:  # noqa: BLE001 - protobuf refuses to size a message over 2 GiB: add up
-        shell = onnx.ModelProto()
-        shell.CopyFrom(model)
-        shell.graph.ClearField("initializer")
-        return shell.ByteSize() + sum(_tensor_size(t) for t in model.graph.initializer)
+    """``len(model.SerializeToString())``, summed per initializer: protobuf's ``ByteSize()``
+    serializes the message (a transient copy of every weight) and refuses one over 2 GiB."""
+    shell, graph = onnx.ModelProto(), onnx.GraphProto()
+    copy_except(model, shell, {"graph"})
+    copy_except(model.graph, graph, {"initializer"})
+    # a length-delimited field: 1 tag byte (field numbers < 16) + varint length + payload
+    size = graph.ByteSize() + sum(_field(_tensor_size(t)) for t in model.graph.initializer)
+    return shell.ByteSize() + (_field(size) if model.HasField("graph") else 0)
+
+
+def _field(n: int) -> int:
+    return 1 + max(1, (n.bit_length() + 6) // 7) + n
 
 
 def _tensor_size(t: onnx.TensorProto) -> int:
     try:
-        return t.ByteSize() + 8  # field tag and length
+        return t.ByteSize()
     except Exception:  # noqa: BLE001 - one tensor over 2 GiB: its bytes dominate
         return len(t.raw_data) + 16 + 8 * len(t.dims) + len(t.name)
