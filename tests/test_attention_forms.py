@@ -80,6 +80,15 @@ def check_identity(g: slimc.Graph, inputs=None) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def _perturb(module: torch.nn.Module) -> None:
+    """Nudge every parameter with its own noise: HF initialises biases to zero, which would
+    hide an unsliced bias, and equal tensors get merged into one initializer by exporters."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
 # -- fused ONNX operators -------------------------------------------------------------------
 
 FUSED = {
@@ -157,9 +166,7 @@ def test_onnxruntime_optimizer_fuses_attention_and_slimc_prunes_it():
     cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, vocab_size=100, max_position_embeddings=64)
     bert = BertModel._from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():  # non-zero biases, so an unsliced bias would show
-        for p in bert.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    _perturb(bert)
 
     class Wrap(torch.nn.Module):
         def __init__(self):
@@ -206,6 +213,12 @@ def test_ort_runs_opset23_attention_like_the_reference():
     ctx = ag.reference_attention(q, k, v, 4, 2, bias=w["attn.mask"])
     want = ctx @ w["o.weight"] + w["o.bias"]
     np.testing.assert_allclose(g.run(x)[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_score_needs_visible_probabilities():
+    g = _fused("ms_mha")
+    with pytest.raises(UnsupportedError, match="MultiHeadAttention"):
+        passes.prune_heads(g, ratio=0.5, score="attention", calib=[g.sample_inputs()])
 
 
 def test_packed_qkv_mha_is_refused_with_the_reason():
@@ -324,3 +337,35 @@ def test_llama_gqa_with_padding_mask_dynamo(attn):
     assert [(b.num_heads, b.num_kv_heads) for b in g.attention_blocks()] == [(8, 2)] * 2
     xs = g.example_inputs
     check_oracle(g, {0: [4, 5, 6, 7], 1: [0, 2, 4, 6]}, xs)  # a whole group; one per group
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo",
+                                                                   marks=pytest.mark.slow)])
+def test_bert_with_padding_mask(attn, exporter):
+    """transformers 5's eager and SDPA paths with a padding mask input (the Where/IsNaN mask
+    construction), exported by either exporter: oracle and identity."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, vocab_size=100, max_position_embeddings=64)
+    bert = BertModel._from_config(cfg, attn_implementation=attn).eval()
+    _perturb(bert)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = bert
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 8, dtype=torch.int64)
+    mask[0, 5:] = 0
+    g = slimc.Graph("onnx", _export(Wrap().eval(), (ids, mask), exporter),
+                    example_inputs=[ids.numpy(), mask.numpy()])
+    assert [(b.num_heads, b.head_dim) for b in g.attention_blocks()] == [(4, 16)] * 2
+    xs = g.example_inputs
+    check_oracle(g, {0: [1, 2], 1: [0, 1, 3]}, xs)
+    check_identity(g, xs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...errors import OptionError
+from ...errors import OptionError, UnsupportedError
 from ..registry import Lossy, PassResult, register_pass
 from . import _math
 
@@ -127,6 +127,12 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
         if ratio == 0:
             plans = []
         else:
+            fused = sorted({b.nodes["op_type"] for b in blocks if b.form == "op"})
+            if score == "attention" and fused:
+                raise UnsupportedError(
+                    f"score='attention' reads the attention probabilities, which the fused "
+                    f"operator(s) {', '.join(fused)} compute inside and never expose.",
+                    "Use score='magnitude' on this graph, or score the unfused model.")
             from .. import importance
             scores = importance.head_scores(graph, score=score, calib=calib, blocks=blocks,
                                             loss=loss)
