@@ -25,8 +25,9 @@ Decisions, each with a warning rather than a wrong answer:
 - **Graph breaks**: each subgraph is compiled on its own; the Python between them runs in torch.
 - **Dynamic shapes**: TVM libraries here are compiled for static shapes, so a subgraph dynamo
   marks dynamic is compiled again for each new input shape at its first call (at most
-  ``max_shapes`` per subgraph, default 8); past that it runs eagerly with one warning. Pass
-  ``dynamic=False`` to ``torch.compile`` to have dynamo specialise (and guard) instead.
+  ``max_shapes`` per subgraph, default 8; each compiled shape holds its own copy of the
+  weights); past that, new shapes run eagerly (one warning) and the compiled ones stay on TVM.
+  Pass ``dynamic=False`` to ``torch.compile`` to have dynamo specialise (and guard) instead.
 - **Frozen weights**: the compiled library holds the weights it saw. If a parameter or buffer is
   changed in place afterwards (its version counter moves) or replaced, that subgraph switches to
   eager with one warning; ``torch._dynamo.reset()`` compiles again with the new weights.
@@ -312,7 +313,8 @@ class _Build:
 @dataclass
 class _State:
     builds: dict = field(default_factory=dict)  # signature -> _Build
-    eager_reason: str | None = None
+    eager_reason: str | None = None  # set: the whole subgraph runs in eager torch
+    overflow: bool = False  # max_shapes reached: new shapes run eagerly, compiled ones on TVM
     warned_grad: bool = False
 
 
@@ -324,6 +326,7 @@ class _CompiledSubgraph:
         self.gm = gm
         self.settings = settings
         self.state = _State()
+        self.names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         self.kinds = ["weight" if _is_weight(x) else "tensor" if isinstance(x, torch.Tensor)
                       else "int" if isinstance(x, (int, torch.SymInt)) else "other"
                       for x in example_inputs]
@@ -382,11 +385,12 @@ class _CompiledSubgraph:
 
     def _weights_changed(self, args) -> str | None:
         for i, (w, version) in self.weights.items():
+            name = self.names[i] if i < len(self.names) else f"#{i}"
             if args[i] is not w:
-                return f"weight input {i} was replaced after compiling"
+                return f"weight {name} was replaced after compiling"
             if version is not None and _version(w) != version:
-                return (f"weight input {i} ({tuple(w.shape)}) was changed in place after "
-                        "compiling; call torch._dynamo.reset() to compile with the new weights")
+                return (f"weight {name} {tuple(w.shape)} was changed in place after compiling; "
+                        "call torch._dynamo.reset() to compile with the new weights")
         return None
 
     # -- calls ------------------------------------------------------------------------------
@@ -402,9 +406,12 @@ class _CompiledSubgraph:
         build = self.state.builds.get(key)
         if build is None:
             if len(self.state.builds) >= self.settings.max_shapes:
-                self._fall_back(f"a dynamic subgraph met more than max_shapes="
-                                f"{self.settings.max_shapes} input shapes (each is compiled "
-                                "separately)")
+                if not self.state.overflow:
+                    self.state.overflow = True
+                    _warn(f"a dynamic subgraph met more than max_shapes="
+                          f"{self.settings.max_shapes} input shapes (each is compiled "
+                          "separately): new shapes run in eager torch, the compiled ones on "
+                          "TVM.")
                 return self.gm(*args)
             build = self._build(args)
             if build is None:
