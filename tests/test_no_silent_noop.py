@@ -243,3 +243,20 @@ def test_candidates_all_refused_warn_with_reasons():
     once = passes.quantize(slimc.capture(_MLP(), (_x(),)), calib=[(_x().numpy(),)])
     with pytest.warns(NoMatchWarning, match="already quantized"):  # not an error
         passes.quantize(once, calib=[(_x().numpy(),)])
+
+
+def test_every_pass_reports_matched_and_changed():
+    from zoo import ZOO
+    module, inputs, _ = ZOO["mha"]()
+    g = slimc.capture(module, inputs)
+    calib = [tuple(x.numpy() for x in inputs)]
+    runs = {"prune_heads": {"heads": {0: [1]}}, "threshold_weights": {"sparsity": 0.5},
+            "quantize": {"calib": calib}, "factorize_low_rank": {"rank": 4}, "fuse": {},
+            "cleanup": {}}
+    for name, options in runs.items():
+        s = getattr(passes, name).run(g, **options).stats
+        assert isinstance(s["matched"], int) and isinstance(s["changed"], int), name
+        assert 0 <= s["changed"] <= s["matched"], (name, s["matched"], s["changed"])
+    q = passes.quantize(g, calib=calib)
+    s = passes.fold_fake_quant.run(q).stats
+    assert s["matched"] >= s["changed"] > 0

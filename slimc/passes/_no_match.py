@@ -161,6 +161,18 @@ EXPECT: dict[str, Expect] = {
         matched=_edited_and_skipped("layers"),
         changed=lambda s: len(s.get("layers") or {}),
         refused=_skipped),
+    # passes whose options never ask for a change: counts only, never an error
+    "cleanup": Expect(
+        asks=lambda o: False,
+        looked_for=lambda o: "no-op nodes, dead code and constant subgraphs",
+        matched=lambda s: sum(int(s.get(k) or 0) for k in ("noops", "dead", "folded")),
+        changed=lambda s: sum(int(s.get(k) or 0) for k in ("noops", "dead", "folded"))),
+    "fold_fake_quant": Expect(
+        asks=lambda o: False,
+        looked_for=lambda o: "quantize / dequantize pairs around weights and activations",
+        matched=lambda s: (len(s.get("folded") or {}) + len(s.get("left_in_float") or {})
+                           + int(s.get("cancelled") or 0)),
+        changed=lambda s: len(s.get("folded") or {}) + int(s.get("cancelled") or 0)),
 }
 
 
