@@ -104,15 +104,19 @@ def ms_mha_packed_qkv(heads=4, seed=0):
     return b.model(b.linear("o", ctx, E, E), ms=True)
 
 
-def ms_gqa(heads=4, kv_heads=2, head_sink=False, past=False, present_out=False, seed=0):
+def ms_gqa(heads=4, kv_heads=2, head_sink=False, past=False, present_out=False, packed=False,
+           seed=0):
     """com.microsoft::GroupQueryAttention (prompt, no past cache): q [B, S, heads·d], k and v
     [B, S, kv_heads·d]; causal, with seqlens_k / total_sequence_length inputs. ``past``: the
     key/value cache comes in as graph inputs; ``present_out``: present_key is a graph output."""
     d = E // heads
     b = _Builder(seed)
     x = b.input("x", [B, S, E])
-    q = b.linear("q", x, E, heads * d)
-    k, v = (b.linear(n, x, E, kv_heads * d) for n in ("k", "v"))
+    if packed:  # one projection, [q | k | v] (onnxruntime-genai / Optimum exports)
+        q, k, v = b.linear("qkv", x, E, (heads + 2 * kv_heads) * d), "", ""
+    else:
+        q = b.linear("q", x, E, heads * d)
+        k, v = (b.linear(n, x, E, kv_heads * d) for n in ("k", "v"))
     seqlens = b.const("seqlens_k", np.full(B, S - 1, dtype=np.int32))
     total = b.const("total_len", np.array([S], dtype=np.int32))
     cache = [b.input(n, [B, kv_heads, 0, d]) for n in ("past_key", "past_value")] if past \

@@ -10,8 +10,10 @@ identity.
 Forms: the real all-MiniLM-L6-v2 exported by both torch exporters (transformers 5, padding mask
 built with Where/IsNaN) and captured to FX (SDPA nodes); LLaMA GQA (repeat_kv) with a padding
 mask; onnxruntime's transformer optimizer output (``com.microsoft::Attention``); hand-built
-``com.microsoft::MultiHeadAttention`` / ``GroupQueryAttention`` and the standard opset-23
-``Attention`` (3-D and 4-D inputs, masks / attention bias with a head axis, head sinks).
+``com.microsoft::MultiHeadAttention`` / ``GroupQueryAttention`` (separate q, k, v or packed
+[q | k | v] from one projection) and the standard opset-23 ``Attention`` (3-D and 4-D inputs,
+masks / attention bias with a head axis, head sinks). ORT 1.32 runs all of them on CPU except
+MultiHeadAttention's 5-D packed QKV, which slimc refuses anyway.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ FUSED = {
     "ms_mha_bias_input": lambda: ag.ms_mha(attention_bias="input"),
     "ms_gqa": lambda: ag.ms_gqa(),
     "ms_gqa_head_sink": lambda: ag.ms_gqa(head_sink=True),
+    "ms_gqa_packed_qkv": lambda: ag.ms_gqa(packed=True),
     "onnx_attention_3d": lambda: ag.onnx_attention(),
     "onnx_attention_3d_gqa_mask": lambda: ag.onnx_attention(kv_heads=2, attn_mask="const"),
     "onnx_attention_4d_mask_input": lambda: ag.onnx_attention(rank=4, attn_mask="input"),

@@ -118,28 +118,54 @@ def _op_nodes(node: VNode) -> dict:
     return out
 
 
+def _packed_projection(view: View, value: str) -> VNode | None:
+    """The linear whose output (plus at most a bias add) is ``value``."""
+    node = view.producer.get(value)
+    if node is not None and node.op == "elementwise" and len(node.inputs) == 1:
+        node = view.producer.get(node.inputs[0])
+    return node if node is not None and node.op == "linear" else None
+
+
 def _packed_block(view: View, node: VNode):
-    """com.microsoft::Attention: the input projection is inside the op (one merged weight)."""
+    """One merged QKV projection: inside the op (com.microsoft::Attention's weight input), or
+    right before it (GroupQueryAttention reading packed [q | k | v])."""
     a = node.attrs
-    p = a["packed"]
-    heads = a["num_heads"]
-    sizes = p["sizes"]
-    if not heads or sizes[0] % heads:
+    heads, kv = a["num_heads"], a["kv_num_heads"]
+    if not heads or not kv or heads % kv:
         return None
+    if "packed" in a:
+        p = a["packed"]
+        sizes = p["sizes"]
+        proj, weight, bias = node.name, p["weight"], p["bias"]
+        layout, in_features = p["layout"], p["in_features"]
+        extra = {"packed_weight": True}
+        if sizes[0] % heads:
+            return None
+    else:
+        lin = _packed_projection(view, node.inputs[0])
+        if lin is None:
+            return None
+        total = lin.attrs["out_features"]
+        if total % (heads + 2 * kv):
+            return None
+        d = total // (heads + 2 * kv)
+        sizes = (heads * d, kv * d, kv * d)
+        proj, weight, bias = lin.name, lin.attrs["weight"], lin.attrs.get("bias")
+        layout, in_features = lin.attrs["layout"], lin.attrs["in_features"]
+        extra = {"packed_input": True}
     head_dim = sizes[0] // heads
     o = _down_to_projection(view, node.outputs[0])
     if o is None:
         return None
     starts = [0, sizes[0], sizes[0] + sizes[1]]
-    lins = [Linear(node=node.name, weight=p["weight"], bias=p["bias"], layout=p["layout"],
-                   in_features=p["in_features"], out_features=size, rows=(st, st + size))
+    lins = [Linear(node=proj, weight=weight, bias=bias, layout=layout,
+                   in_features=in_features, out_features=size, rows=(st, st + size))
             for st, size in zip(starts, sizes)]
     o_l = _linear(o, None)
-    if o_l.in_features != sizes[2]:
+    if o_l.in_features != sizes[0]:
         return None
-    nodes = dict(_op_nodes(node), q=node.name, k=node.name, v=node.name, o=o.name,
-                 packed_weight=True)
-    return (node.order, *lins, o_l, heads, heads, head_dim, "op", nodes)
+    nodes = dict(_op_nodes(node), q=proj, k=proj, v=proj, o=o.name, **extra)
+    return (node.order, *lins, o_l, heads, kv, head_dim, "op", nodes)
 
 
 def _linear(node: VNode, rows: tuple[int, int] | None) -> Linear:
@@ -231,6 +257,9 @@ def fused_attention(name: str, node, consts: dict, shapes: dict,
             if sizes[0] != sizes[1] or sizes[0] != sizes[2]:
                 attrs["unsupported"] = (f"{op_type} {name}: qkv_hidden_sizes {list(sizes)} give "
                                         "the values another head size than the queries")
+    elif op_type == "com.microsoft::GroupQueryAttention" and not ins[1] and not ins[2] \
+            and attrs["rank"] == 3:
+        attrs["packed_qkv"] = True  # query = one projection's [q | k | v] output
     else:
         if not ins[1] or not ins[2] or attrs["rank"] not in (3, 4):
             attrs["unsupported"] = (
@@ -278,7 +307,7 @@ def find_attention(view: View) -> list[AttentionBlock]:
         if node.op == "attention_op":
             if node.attrs.get("unsupported"):
                 continue
-            if "packed" in node.attrs:
+            if "packed" in node.attrs or node.attrs.get("packed_qkv"):
                 packed.append(node)
             elif len(node.inputs) >= 3:
                 cores.append((node, node.inputs[0], node.inputs[1], node.inputs[2],

@@ -87,6 +87,8 @@ def _translate(model, shapes: dict, consts: dict, o_nodes: dict) -> list:
         if _fused_attention(n):
             if t == "Attention" and n.domain == "com.microsoft":  # projections inside the op
                 ops.append(ShapeOp(name, "opaque", [data], outs[:1], attrs))
+            elif not (len(n.input) > 2 and n.input[1] and n.input[2]):  # packed [q | k | v]
+                ops.append(ShapeOp(name, "opaque", [data], outs[:1], attrs))
             else:  # q, k, v after their projections; side inputs are handled by _attention_ops
                 ops.append(ShapeOp(name, "attention_op", ins[:3], outs[:1],
                                    dict(attrs, rank=len(shapes[data]))))
@@ -183,16 +185,24 @@ def _seeds(plans, names: dict, shapes: dict, consts: dict, editor: _Editor):
             consumers.setdefault(x, []).append(n)
     for p in plans:
         b = p.block
-        if b.nodes.get("packed_weight"):  # the op's own output is the first head-carrying value
+        if b.nodes.get("packed_weight") or b.nodes.get("packed_input"):
+            # the op's output is the first value with whole heads on one axis ([q | k | v] of
+            # unequal widths under GQA is no product of head atoms; it only feeds the op)
             out = names[b.nodes["op"]].output[0]
             seeds[out] = plain_dims(shapes[out][:-1]) + [p.q_atoms()]
-            continue
-        pairs = [(b.q, p.fused_atoms())] if b.fused_qkv else \
-            [(b.q, p.q_atoms()), (b.k, p.kv_atoms()), (b.v, p.kv_atoms())]
+            if b.nodes.get("packed_weight"):
+                continue
+        if b.nodes.get("packed_input"):
+            pairs = [(b.q, None)]
+        elif b.fused_qkv:
+            pairs = [(b.q, p.fused_atoms())]
+        else:
+            pairs = [(b.q, p.q_atoms()), (b.k, p.kv_atoms()), (b.v, p.kv_atoms())]
         for lin, atoms in pairs:
             node = names[lin.node]
             out = node.output[0]
-            seeds[out] = plain_dims(shapes[out][:-1]) + [atoms]
+            if atoms is not None:
+                seeds[out] = plain_dims(shapes[out][:-1]) + [atoms]
             if not lin.bias or node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
                 continue
             add = [a for a in consumers.get(out, []) if a.op_type == "Add"]
@@ -205,7 +215,8 @@ def _seeds(plans, names: dict, shapes: dict, consts: dict, editor: _Editor):
             arr = ir_onnx.get_weight(editor.model, src)
             editor.set_input(add[0], idx, arr.T if transposed else arr, f"{src}.pruned")
             shapes[add[0].input[idx]] = tuple(np.shape(arr))
-            seeds[add[0].input[idx]] = [atoms]
+            if atoms is not None:
+                seeds[add[0].input[idx]] = [atoms]
             bias_sites.append((add[0], idx, lin))
     return seeds, bias_sites
 
