@@ -85,9 +85,9 @@ def _translate(model, shapes: dict, consts: dict, o_nodes: dict) -> list:
         attrs = {"op": t}
         data = n.input[0] if n.input else None
         if _fused_attention(n):
-            if t == "Attention" and n.domain == "com.microsoft":  # projections inside the op
-                ops.append(ShapeOp(name, "opaque", [data], outs[:1], attrs))
-            elif not (len(n.input) > 2 and n.input[1] and n.input[2]):  # packed [q | k | v]
+            inside = t == "Attention" and n.domain == "com.microsoft"  # projections inside
+            packed = not (len(n.input) > 2 and n.input[1] and n.input[2])  # [q | k | v] in one
+            if inside or packed:  # the adapter seeds the op's output; its input has no heads
                 ops.append(ShapeOp(name, "opaque", [data], outs[:1], attrs))
             else:  # q, k, v after their projections; side inputs are handled by _attention_ops
                 ops.append(ShapeOp(name, "attention_op", ins[:3], outs[:1],
