@@ -155,8 +155,8 @@ def _write_report(folder: str, results: dict, prune_stats: dict, cpu: dict, seq:
     points = [(0.0, before, "original"), (1 - after["heads"] / before["heads"], after, "slimc")]
     accuracy = [{x: f, "WordSim-353 Spearman": r["wordsim"], "polarity accuracy": r["polarity"],
                  "model": name, "computed with": r["metric_executor"]} for f, r, name in points]
-    latency = [{x: f, "TVM": r["tvm_ms"], "onnxruntime": r["ort_ms"], "torch": r["torch_ms"],
-                "model": name} for f, r, name in points]
+    latency = [{x: f, "TVM (ms)": r["tvm_ms"], "onnxruntime (ms)": r["ort_ms"],
+                "torch (ms)": r["torch_ms"], "model": name} for f, r, name in points]
     paths = write_report(
         folder, model=f"all-MiniLM-L6-v2 (batch 1, sequence {seq})",
         before_after=[dict(zip(("", "original", "slimc", "change"), r))

@@ -252,7 +252,7 @@ def test_demo_report_tables(tmp_path):
     assert data["before_after"][0]["change"] == "-25.0%"
     assert data["accuracy"]["series"]["WordSim-353 Spearman"] == {"x": [0.0, 0.25],
                                                                   "y": [0.73, 0.71]}
-    assert data["latency"]["series"]["torch"]["y"] == [200.0, 200.0]
+    assert data["latency"]["series"]["torch (ms)"]["y"] == [200.0, 200.0]
     assert data["heads"]["scores"] == [[1.0, 2.0, 3.0], [0.5, 4.0, 2.5]]
     assert data["not_measured"] == ["passes", "tuning"]
 
