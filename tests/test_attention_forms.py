@@ -372,3 +372,19 @@ def test_bert_with_padding_mask(attn, exporter):
     xs = g.example_inputs
     check_oracle(g, {0: [1, 2], 1: [0, 1, 3]}, xs)
     check_identity(g, xs)
+
+
+@pytest.mark.parametrize("name", ["mha"] + [pytest.param(n, marks=pytest.mark.slow)
+                                             for n in ("bert", "gpt2", "vit")])
+def test_prune_after_slimc_fuse_to_onnxruntime_ops(name):
+    """slimc's own ``fuse(rules=ORT)`` emits com.microsoft::MultiHeadAttention (for
+    nn.MultiheadAttention with the heads folded into the batch axis, num_heads=1): the fused
+    graph's heads prune like the unfused graph's."""
+    from test_prune_heads import graph_of
+    g = passes.fuse(graph_of(name, "dynamo"), rules=passes.fuse.ORT)
+    assert g.op_histogram()["com.microsoft::MultiHeadAttention"] >= 1
+    blocks = g.attention_blocks()
+    assert blocks and all(b.form == "op" and b.num_heads == 4 for b in blocks)
+    check_oracle(g, {0: [1, 2]})
+    check_oracle(g, {0: [0, 1, 3]})
+    check_identity(g)

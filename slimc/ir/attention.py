@@ -361,9 +361,14 @@ def find_attention(view: View) -> list[AttentionBlock]:
         o_l = _linear(o, None)
         if o_l.in_features != q_l.out_features:
             continue
-        if form == "op" and (num_heads, num_kv) != (core.attrs["num_heads"],
-                                                   core.attrs["kv_num_heads"]):
-            continue
+        if form == "op":
+            a = core.attrs
+            if a["num_heads"] == 1 and num_heads > 1:
+                # one head per batch row: the heads were folded into the batch axis before the
+                # op (nn.MultiheadAttention's bmm form); the op's attributes do not change
+                nodes = dict(nodes, folded_heads=True)
+            elif num_heads != a["num_heads"] or a["kv_num_heads"] not in (num_kv, num_heads):
+                continue  # (k / v may reach the op already repeated to every query head)
         nodes = dict(nodes, q=qn.name, k=kn.name, v=vn.name, o=o.name)
         blocks.append((core.order, q_l, k_l, v_l, o_l, num_heads, num_kv, head_dim, form, nodes))
 

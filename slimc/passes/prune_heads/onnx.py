@@ -565,6 +565,8 @@ def _attention_ops(model, editor: _Editor, plans, consts) -> None:
         new = {"num_heads": len(p.keep_q), "q_num_heads": len(p.keep_q),
                "kv_num_heads": len(p.keep_kv)}
         for a in node.attribute:
+            if nodes.get("folded_heads"):  # heads live in the batch axis: one per batch row
+                break
             if a.name in _HEAD_ATTRS[nodes["op_type"]]:
                 a.i = new[a.name]
             elif a.name == "qkv_hidden_sizes":
