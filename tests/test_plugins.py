@@ -4,6 +4,8 @@ passes and fusion rules registered with a decorator, found by recipes, ``fuse`` 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -99,8 +101,22 @@ def test_pass_on_native_object(bert, name, backend):
 
 
 # -- user passes --------------------------------------------------------------------------------
-@register_pass("test_plugins_double_bias", contract=Exact())
-def double_bias(graph, /, *, factor: float = 2.0) -> PassResult:
+@pytest.fixture(autouse=True)
+def _forget_user_registrations():
+    """Passes and rules a test registers are removed after it: the registries are global, and
+    sweeps over every registered pass in other tests must not see them."""
+    from slimc.passes import registry
+    from slimc.passes.fuse import CATALOGUE, USER_RULES
+    passes_before, rules_before = set(registry._REGISTRY), set(CATALOGUE)
+    yield
+    for name in set(registry._REGISTRY) - passes_before:
+        del registry._REGISTRY[name]
+    for name in set(CATALOGUE) - rules_before:
+        del CATALOGUE[name]
+        USER_RULES.remove(name)
+
+
+def _double_bias(graph, /, *, factor: float = 2.0) -> PassResult:
     """Scale every 1-D weight (the biases) by ``factor`` (a test pass: not semantics-preserving
     unless factor is 1)."""
     changed = 0
@@ -117,6 +133,7 @@ def _linear():
 
 
 def test_user_pass_works_on_every_form_and_in_recipes():
+    double_bias = register_pass("test_plugins_double_bias", contract=Exact())(_double_bias)
     g = _linear()
     assert passes.get_pass("test_plugins_double_bias").options == ("factor",)
     out = double_bias(g.fx, factor=1.0)
@@ -141,8 +158,7 @@ def test_taken_pass_name_is_an_error():
 
 
 # -- user fusion rules --------------------------------------------------------------------------
-@register_rule(pattern=Op("Relu", Op("Relu", Var("x"), name="inner")))
-def test_plugins_relu_twice(b, m):
+def _relu_twice(b, m):
     """relu(relu(x)) -> relu(x)."""
     return m["inner"].outputs[0]
 
@@ -170,16 +186,19 @@ def _relu_twice_onnx() -> onnx.ModelProto:
 
 
 def test_user_rule_fires_by_object_by_name_and_in_recipes():
+    rule = register_rule("test_plugins_relu_twice",
+                         pattern=Op("Relu", Op("Relu", Var("x"), name="inner")))(_relu_twice)
+    assert rule.doc == "relu(relu(x)) -> relu(x)."
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     g = slimc.capture(_ReluTwice(), (torch.from_numpy(x),))
-    by_object = passes.fuse.run(g.fx, rules=DEFAULT + test_plugins_relu_twice)
+    by_object = passes.fuse.run(g.fx, rules=DEFAULT + rule)
     by_name = passes.fuse.run(g, rules=["DEFAULT", "test_plugins_relu_twice"])
     for r in (by_object, by_name):
         assert r.stats["fired"]["test_plugins_relu_twice"] == 1
     assert by_name.graph.op_histogram()["relu.default"] == 1
     np.testing.assert_allclose(by_name.graph.run(x)[0], g.run(x)[0], rtol=TOL, atol=TOL)
     model = _relu_twice_onnx()
-    out = passes.fuse.run(model, rules=[test_plugins_relu_twice])
+    out = passes.fuse.run(model, rules=[rule])
     assert out.stats["fired"] == {"test_plugins_relu_twice": 1}
     assert [n.op_type for n in out.graph.graph.node] == ["MatMul", "Relu"]
     np.testing.assert_allclose(Graph("onnx", out.graph).run(x)[0],
@@ -219,9 +238,15 @@ def test_cli_plugin_rule(b, m):
 '''
 
 
-def test_cli_plugin_shows_user_pass_and_rule(tmp_path, capsys):
-    plugin = tmp_path / "my_slimc_plugin.py"
-    plugin.write_text(PLUGIN)
+@pytest.fixture
+def plugin(tmp_path):
+    path = tmp_path / "my_slimc_plugin.py"
+    path.write_text(PLUGIN)
+    yield path
+    sys.modules.pop(path.stem, None)
+
+
+def test_cli_plugin_shows_user_pass_and_rule(tmp_path, plugin, capsys):
     assert cli_main(["--plugin", str(plugin), "passes", "--list"]) == 0
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("test_cli_plugin_pass "))
