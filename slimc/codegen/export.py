@@ -58,6 +58,7 @@ class Artifact:
         # CUDA builds: the kernels compiled ahead of time (codegen/cuda.py DeviceCode), packed
         # into lib.so in place of their source
         self.device_code = device_code
+        self.compile_seconds: float | None = None   # set by slimc.compile
 
     @property
     def target(self) -> str:

@@ -440,7 +440,14 @@ def save(graph: Graph, path) -> None:
         ep = export_program(graph)
         tmp = _atomic_target(path)
         try:
-            torch.export.save(ep, str(tmp))
+            # node provenance ("from_node") records Python object ids (graph_id): drop it, or the
+            # same program gives different bytes in every process
+            for node in ep.graph.nodes:
+                node.meta.pop("from_node", None)
+            # to a file object: given a path, the archive's root folder takes the file's name,
+            # here a random temporary one
+            with open(tmp, "wb") as f:
+                torch.export.save(ep, f)
             from .._atomic import replace_file
             replace_file(tmp, path)
         finally:
