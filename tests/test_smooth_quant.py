@@ -14,7 +14,7 @@ from zoo import ZOO, to_onnx
 
 import slimc
 from slimc import passes
-from slimc.errors import OptionError, ShapeError, SlimcError
+from slimc.errors import OptionError, ShapeError, SlimcError, UnsupportedError
 from slimc.passes.smooth_quant import _math as sm
 
 
@@ -75,12 +75,33 @@ class _PostLN(torch.nn.Module):
         return self.ln2(y + self.f2(torch.nn.functional.gelu(self.f1(y))))
 
 
+_POST: list = []
+
+
+def _post_ln() -> _PostLN:
+    if not _POST:
+        _POST.append(_PostLN())
+    return _POST[0]
+
+
 def _batches(n=4, seed=0):
     rng = np.random.default_rng(seed)
     return [(rng.normal(size=(2, 8, 32)).astype(np.float32),) for _ in range(n)]
 
 
+_GRAPHS: dict = {}
+
+
 def _graph(backend, module, x) -> slimc.Graph:
+    """The module's graph, captured once per (backend, module, input shape): passes never edit
+    their input, so tests share it."""
+    key = (backend, id(module), x.shape)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = (module, _export(backend, module, x))  # keeps id(module) alive
+    return _GRAPHS[key][1]
+
+
+def _export(backend, module, x) -> slimc.Graph:
     if backend == "fx":
         return slimc.capture(module, (torch.from_numpy(x),))
     buf = io.BytesIO()
@@ -165,7 +186,7 @@ def test_int8_error_is_lower_with_smoothing(model, backend):
 
 @pytest.mark.parametrize("backend", ["fx", "onnx"])
 def test_post_norm_insert_mode(backend):
-    module = _PostLN()
+    module = _post_ln()
     calib = _batches()
     x = calib[0][0]
     g = _graph(backend, module, x)
@@ -189,6 +210,19 @@ def test_post_norm_insert_mode(backend):
     assert err[0.5] < 0.5 * err[None], err
 
 
+def test_quantize_smoothing_nothing_is_no_silent_no_op():
+    from slimc.passes._no_match import NoMatchWarning, on_no_match
+    calib = _batches(2)
+    g = _graph("fx", _post_ln(), calib[0][0])
+    with pytest.raises(UnsupportedError, match="smooth") as e:
+        passes.quantize(g, calib=calib, smooth=0.5)  # fold mode: nothing folds post-norm
+    assert "smooth_mode='insert'" in e.value.fix
+    with on_no_match("warn"), pytest.warns(NoMatchWarning, match="smooth"):
+        r = passes.quantize.run(g, calib=calib, smooth=0.5)
+    assert r.stats["quantized"] and r.stats["smooth"]["matched"] == 0
+
+
+@pytest.mark.slow  # a transformers capture / dynamo export: several seconds
 def test_zoo_bert_insert_mode_is_exact():
     module, inputs, _ = ZOO["bert"]()
     g = slimc.capture(module, inputs)
@@ -211,6 +245,7 @@ def test_zoo_pre_norm_models_fx(name, kind):
     assert _rel(r.graph.run(*x)[0], g.run(*x)[0]) < 1e-5
 
 
+@pytest.mark.slow  # a transformers capture / dynamo export: several seconds
 def test_zoo_vit_onnx_with_merged_layernorm_initializers():
     # the dynamo exporter merges the (equal, freshly initialised) LayerNorm gammas of all
     # layers into one initializer: each smoothed LayerNorm gets a private copy

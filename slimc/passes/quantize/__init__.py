@@ -3,12 +3,14 @@ weights of Linear / MatMul nodes. ``fold_fake_quant`` turns the result into inte
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import OptionError, PassError
+from ...errors import OptionError, PassError, UnsupportedError
 from ...ir.graph import Graph, check_inputs
+from .._no_match import NoMatchWarning, current_policy
 from ..registry import Lossy, PassResult, register_pass
 from ..smooth_quant import smooth as smooth_channels
 from ..smooth_quant._math import check_mode, parse_alpha
@@ -21,6 +23,21 @@ def _surgery(g: Graph):
     else:
         from . import onnx as surgery
     return surgery
+
+
+def _smoothed_nothing(stats: dict, mode: str) -> None:
+    """smooth= was asked for and found nothing to smooth: an error, or a warning under the
+    on_no_match='warn' policy of a PassManager / recipe (no silent no-ops)."""
+    why = "; ".join(f"{k}: {r}" for k, r in list(stats["skipped"].items())[:3]) or \
+        "no LayerNorm, RMSNorm gamma or Linear feeds a Linear"
+    problem = (f"quantize: smooth= found nothing to smooth (mode {mode!r}): {why}.")
+    fix = ("For post-norm models (BERT: the LayerNorm output also feeds the residual Add) "
+           "use smooth_mode='insert'; or drop smooth=.")
+    if current_policy() == "warn":
+        warnings.warn(f"{problem} {fix}", NoMatchWarning, stacklevel=4)
+        stats["no_match"] = problem
+        return
+    raise UnsupportedError(problem, fix)
 
 
 @register_pass("quantize",
@@ -86,6 +103,8 @@ def quantize(g: Graph, /, *, calib: Sequence | None = None, method: str = "minma
     smooth_stats = None
     if smooth is not None:
         smooth_stats = smooth_channels(g, smooth, batches, mode=smooth_mode)
+        if not smooth_stats["matched"]:
+            _smoothed_nothing(smooth_stats, smooth_mode)
     surgery = _surgery(g)
     if g.backend == "onnx":
         surgery.check_opset(g.native, spec)
