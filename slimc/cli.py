@@ -79,7 +79,7 @@ def inspect_graph(g) -> dict:
     # NaN / inf weights are valid ONNX and run, but corrupt every pass that measures weights
     # (quantize, threshold_weights, factorize_low_rank refuse them): say so up front
     nonfinite = {}
-    for name, w in g.weights().items():
+    for name, w in g.iter_weights():   # one at a time: weights() holds them all
         if np.issubdtype(w.dtype, np.floating):
             bad = int(w.size - np.count_nonzero(np.isfinite(w)))
             if bad:

@@ -161,15 +161,27 @@ class Graph:
         """Replace one weight in place. Passes call this on their own copy only."""
         _backend(self.backend).set_weight(self.native, name, value)
 
+    def iter_weights(self):
+        """``(name, array)`` for every weight, one at a time: an ONNX model's are converted as
+        they are reached, not all at once as :meth:`weights` does (a 1B-parameter model would
+        hold its weights twice)."""
+        if self.backend == "onnx":
+            from onnx import numpy_helper
+            return ((t.name, numpy_helper.to_array(t)) for t in self.native.graph.initializer)
+        return iter(self.weights().items())
+
+    def _counted_weights(self):
+        """The weights that count as parameters (floats; integer matrices, i.e. int8 weights)."""
+        for _, w in self.iter_weights():
+            if np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer) \
+                    and w.ndim >= 2:
+                yield w
+
     def num_parameters(self) -> int:
-        return int(sum(w.size for w in self.weights().values()
-                       if np.issubdtype(w.dtype, np.floating)
-                       or np.issubdtype(w.dtype, np.integer) and w.ndim >= 2))
+        return int(sum(w.size for w in self._counted_weights()))
 
     def nonzeros(self) -> int:
-        return int(sum(np.count_nonzero(w) for w in self.weights().values()
-                       if np.issubdtype(w.dtype, np.floating)
-                       or np.issubdtype(w.dtype, np.integer) and w.ndim >= 2))
+        return int(sum(np.count_nonzero(w) for w in self._counted_weights()))
 
     def serialized_size(self) -> int:
         return _backend(self.backend).serialized_size(self.native)
