@@ -388,3 +388,50 @@ def test_prune_after_slimc_fuse_to_onnxruntime_ops(name):
     check_oracle(g, {0: [1, 2]})
     check_oracle(g, {0: [0, 1, 3]})
     check_identity(g)
+
+
+def _phi3():
+    """Phi-3: grouped-query attention (8 query heads, 2 key/value heads) from ONE merged
+    qkv_proj, cut into q / k / v by three slices."""
+    from transformers import Phi3Config, Phi3Model
+    torch.manual_seed(0)
+    cfg = Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                     num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                     max_position_embeddings=64, use_cache=False, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)
+    phi = Phi3Model._from_config(cfg, attn_implementation="sdpa").eval()
+    _perturb(phi)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = phi
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).last_hidden_state
+
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    return Wrap().eval(), (ids,)
+
+
+@pytest.mark.parametrize("source", ["phi3-fx", pytest.param("phi3-dynamo", marks=pytest.mark.slow),
+                                    "llama-fused-fx",
+                                    pytest.param("llama-fused-dynamo", marks=pytest.mark.slow)])
+def test_gqa_merged_qkv_projection(source):
+    """GQA whose q, k, v come from one projection [H·d | Hkv·d | Hkv·d]: Phi-3's qkv_proj (three
+    slices) and a LLaMA after slimc's fuse merged its projections (one split)."""
+    model, backend = source.rsplit("-", 1)
+    if model == "phi3":
+        module, inputs = _phi3()
+        g = slimc.capture(module, inputs) if backend == "fx" else slimc.Graph(
+            "onnx", _export(module, inputs, "dynamo"), example_inputs=[inputs[0].numpy()])
+    else:
+        from test_prune_heads import graph_of
+        g = passes.fuse(graph_of("llama", backend))
+    blocks = g.attention_blocks()
+    assert [(b.num_heads, b.num_kv_heads, b.fused_qkv) for b in blocks] == [(8, 2, True)] * 2
+    assert blocks[0].k.rows == (64, 80) and blocks[0].v.rows == (80, 96)
+    xs = g.example_inputs if g.example_inputs is not None else g.sample_inputs()
+    check_oracle(g, {0: [4, 5, 6, 7], 1: [0, 2, 4, 6]}, xs)  # a whole group; one per group
+    check_oracle(g, {1: [0, 1, 2, 3, 4, 5, 6]}, xs)  # all but one head
+    check_identity(g, xs)

@@ -107,6 +107,36 @@ def _through_elementwise_up(view: View, value: str) -> VNode | None:
     return None
 
 
+def _core_heads(core: VNode, qshape: tuple, form: str) -> int | None:
+    """The query head count as the attention core sees it, where its shapes tell: q of shape
+    [B, H, S, d] at a decomposed / SDPA core, or a fused op's ``num_heads``."""
+    if form == "op":
+        heads = core.attrs["num_heads"]
+        return heads if heads > 1 else None
+    if len(qshape) >= 4 and isinstance(qshape[-3], int):
+        return qshape[-3]
+    return None
+
+
+def _fused_rows(total: int, head_dim: int, heads: int | None) -> list | None:
+    """Row ranges of q, k, v in one merged projection of width ``total``: equal thirds, or
+    under grouped-query attention [H·d | Hkv·d | Hkv·d] (Phi-3's qkv_proj, slimc's merge_qkv
+    of a LLaMA), which needs the query head count ``heads``."""
+    if heads is None or total == 3 * heads * head_dim:
+        if total % (3 * head_dim):
+            return None
+        w = total // 3
+        return [(0, w), (w, 2 * w), (2 * w, 3 * w)]
+    if total % head_dim:
+        return None
+    rest = total // head_dim - heads
+    kv = rest // 2
+    if rest <= 0 or rest % 2 or heads % kv:
+        return None
+    q, k = heads * head_dim, kv * head_dim
+    return [(0, q), (q, q + k), (q + k, q + 2 * k)]
+
+
 def _op_nodes(node: VNode) -> dict:
     """What a block built on a fused attention op records of it (``AttentionBlock.nodes``)."""
     a = node.attrs
@@ -343,10 +373,9 @@ def find_attention(view: View) -> list[AttentionBlock]:
         (qn, _), (kn, _), (vn, _) = found
         if qn.name == kn.name == vn.name:  # one fused QKV projection
             total = qn.attrs["out_features"]
-            if total % (3 * head_dim):
+            rows = _fused_rows(total, head_dim, _core_heads(core, qshape, form))
+            if rows is None:
                 continue
-            width = total // 3
-            rows = [(0, width), (width, 2 * width), (2 * width, 3 * width)]
             q_l, k_l, v_l = (_linear(qn, r) for r in rows)
         elif len({qn.name, kn.name, vn.name}) == 3:
             q_l, k_l, v_l = _linear(qn, None), _linear(kn, None), _linear(vn, None)

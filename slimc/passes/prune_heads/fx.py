@@ -257,8 +257,12 @@ def _empty_block(gm: torch.fx.GraphModule, plan) -> None:
 
 def _seeds(gm: torch.fx.GraphModule, plans: list, shapes: dict) -> dict:
     seeds = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for p in plans:
         b = p.block
+        if b.fused_qkv and b.k.out_features != b.q.out_features:
+            _seed_split(p, nodes[b.q.node], shapes, seeds)  # merged q|k|v under GQA
+            continue
         if b.fused_qkv:
             pairs = [(b.q.node, p.fused_atoms())]
         else:
@@ -267,6 +271,59 @@ def _seeds(gm: torch.fx.GraphModule, plans: list, shapes: dict) -> dict:
             shape = shapes[node]
             seeds[node] = plain_dims(shape[:-1]) + [atoms]
     return seeds
+
+
+def _seed_split(plan, proj: torch.fx.Node, shapes: dict, seeds: dict) -> None:
+    """One projection [q | k | v] with fewer key/value heads: no product of head atoms
+    describes its output, so the three pieces of its split carry the heads instead."""
+    users = list(proj.users)
+    if len(users) == 3 and all(u.target == aten.slice.Tensor for u in users) \
+            and _seed_slices(plan, proj, users, shapes, seeds):
+        return
+    split = users[0] if len(users) == 1 else None
+    ok = split is not None and split.target in (aten.split_with_sizes.default, aten.split.Tensor)
+    if ok:
+        rank = len(shapes[proj.name])
+        keys = [f"{split.name}#{i}" for i in range(3)]
+        ok = _dim_arg(split, 2, "dim") % rank == rank - 1 and all(k in shapes for k in keys) \
+            and f"{split.name}#3" not in shapes
+    if not ok:
+        raise UnsupportedError(
+            f"The merged q|k|v projection {proj.name} of layer {plan.layer} (grouped-query "
+            "attention) is not read by one split of its last axis; slimc cannot tell its "
+            "query, key and value parts apart.",
+            "Prune the heads before merging the projections (fuse after prune_heads).")
+    for key, atoms in zip(keys, (plan.q_atoms(), plan.kv_atoms(), plan.kv_atoms())):
+        seeds[key] = plain_dims(shapes[key][:-1]) + [atoms]
+
+
+def _seed_slices(plan, proj, users, shapes: dict, seeds: dict) -> bool:
+    """Phi-3's form: three slices of the last axis, at the q / k / v section bounds. Each
+    slice's output carries the heads; its bounds become the kept sections' (set here: they
+    follow from the plan, not from the propagation)."""
+    b = plan.block
+    rank = len(shapes[proj.name])
+    old = [b.q.rows, b.k.rows, b.v.rows]
+    nq, nkv = len(plan.keep_q) * b.head_dim, len(plan.keep_kv) * b.head_dim
+    new = [(0, nq), (nq, nq + nkv), (nq + nkv, nq + 2 * nkv)]
+    found = {}
+    for u in users:
+        args = list(u.args) + [None] * (5 - len(u.args))
+        dim, start, end, step = args[1], args[2] or 0, args[3], args[4] or 1
+        total = shapes[proj.name][-1]
+        end = total if end is None or end >= total else end
+        if dim % rank != rank - 1 or step != 1 or (start, end) not in old:
+            return False
+        found[old.index((start, end))] = u
+    if len(found) != 3:
+        return False
+    atoms = (plan.q_atoms(), plan.kv_atoms(), plan.kv_atoms())
+    for i, u in found.items():
+        seeds[u.name] = plain_dims(shapes[u.name][:-1]) + [atoms[i]]
+        args = list(u.args) + [None] * (4 - len(u.args))
+        args[2], args[3] = new[i]
+        u.args = tuple(args)
+    return True
 
 
 def _rewrite(gm: torch.fx.GraphModule, prop, shapes: dict) -> None:

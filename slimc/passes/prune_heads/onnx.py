@@ -192,8 +192,10 @@ def _seeds(plans, names: dict, shapes: dict, consts: dict, editor: _Editor):
             seeds[out] = plain_dims(shapes[out][:-1]) + [p.q_atoms()]
             if b.nodes.get("packed_weight"):
                 continue
-        if b.nodes.get("packed_input"):
+        if b.nodes.get("packed_input") or _merged_gqa(b):
             pairs = [(b.q, None)]
+            if _merged_gqa(b):
+                _seed_split(p, names[b.q.node], consumers, shapes, seeds, editor)
         elif b.fused_qkv:
             pairs = [(b.q, p.fused_atoms())]
         else:
@@ -219,6 +221,73 @@ def _seeds(plans, names: dict, shapes: dict, consts: dict, editor: _Editor):
                 seeds[add[0].input[idx]] = [atoms]
             bias_sites.append((add[0], idx, lin))
     return seeds, bias_sites
+
+
+def _merged_gqa(block) -> bool:
+    """One projection [q | k | v] with fewer key/value heads: no product of head atoms
+    describes its output, so the pieces after its Split carry the heads instead."""
+    return block.fused_qkv and block.k.out_features != block.q.out_features \
+        and not block.nodes.get("packed_weight") and not block.nodes.get("packed_input")
+
+
+def _seed_slices(plan, readers, shapes: dict, seeds: dict, editor: _Editor) -> bool:
+    """Phi-3's form: three Slices of the last axis at the q / k / v section bounds. Each
+    output carries the heads; its bounds become the kept sections' (they follow from the plan,
+    not from the propagation)."""
+    b = plan.block
+    model = editor.model
+    consts = ir_onnx.constants(model)
+    old = [b.q.rows, b.k.rows, b.v.rows]
+    nq, nkv = len(plan.keep_q) * b.head_dim, len(plan.keep_kv) * b.head_dim
+    new = [(0, nq), (nq, nq + nkv), (nq + nkv, nq + 2 * nkv)]
+    found = {}
+    for n in readers:
+        vals = [_const_value(model, consts, x) if x else None
+                for x in list(n.input[1:5]) + [""] * (5 - len(n.input))]
+        starts, ends, axes, steps = vals[:4]
+        rank = len(shapes[n.input[0]])
+        total = shapes[n.input[0]][-1]
+        if starts is None or ends is None or np.size(starts) != 1 or (
+                len(n.input) > 3 and n.input[3] and axes is None):
+            return False
+        axis = int(np.ravel(axes)[0]) if axes is not None else 0
+        step = int(np.ravel(steps)[0]) if steps is not None else 1
+        start, end = int(np.ravel(starts)[0]), min(int(np.ravel(ends)[0]), total)
+        if axis % rank != rank - 1 or step != 1 or (start, end) not in old:
+            return False
+        found[old.index((start, end))] = n
+    if len(found) != 3:
+        return False
+    atoms = (plan.q_atoms(), plan.kv_atoms(), plan.kv_atoms())
+    for i, n in found.items():
+        seeds[n.output[0]] = plain_dims(shapes[n.output[0]][:-1]) + [atoms[i]]
+        for port, bound in ((1, new[i][0]), (2, new[i][1])):
+            editor.set_input(n, port, np.array([bound], dtype=np.int64),
+                             f"{n.name}.pruned_{'starts' if port == 1 else 'ends'}")
+    return True
+
+
+def _seed_split(plan, proj, consumers: dict, shapes: dict, seeds: dict, editor) -> None:
+    value = proj.output[0]
+    adds = [n for n in consumers.get(value, []) if n.op_type == "Add"]
+    if len(adds) == 1:
+        value = adds[0].output[0]
+    readers = consumers.get(value, [])
+    if len(readers) == 3 and all(n.op_type == "Slice" for n in readers) \
+            and _seed_slices(plan, readers, shapes, seeds, editor):
+        return
+    splits = [n for n in consumers.get(value, []) if n.op_type == "Split"
+              and len([o for o in n.output if o]) == 3]
+    rank = len(shapes[value])
+    if len(splits) != 1 or len(consumers.get(value, [])) != 1 \
+            or _attr(splits[0], "axis", 0) % rank != rank - 1:
+        raise UnsupportedError(
+            f"The merged q|k|v projection {proj.name} of layer {plan.layer} (grouped-query "
+            "attention) is not read by one Split of its last axis; slimc cannot tell its "
+            "query, key and value parts apart.",
+            "Prune the heads before merging the projections (fuse after prune_heads).")
+    for out, atoms in zip(splits[0].output, (plan.q_atoms(), plan.kv_atoms(), plan.kv_atoms())):
+        seeds[out] = plain_dims(shapes[out][:-1]) + [atoms]
 
 
 def _slice_weights(model, editor: _Editor, plans, names: dict, consts: dict, bias_sites):
