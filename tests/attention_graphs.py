@@ -1,8 +1,8 @@
 """Small ONNX graphs with fused attention operators, built by hand with ``onnx.helper``.
 
-Each is one attention layer as onnxruntime's transformer optimizer / Optimum / opset-23 exporters
-emit it: x → (MatMul projections) → fused attention op → output MatMul (+ bias) → y. The weights
-are random (seeded), so every head contributes and every bias matters.
+Each is one attention layer as onnxruntime's transformer optimizer / Optimum / opset-23
+exporters emit it: x → (MatMul projections) → fused attention op → output MatMul (+ bias)
+→ y. The weights are random (seeded), so every head contributes and every bias matters.
 """
 
 from __future__ import annotations

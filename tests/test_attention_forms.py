@@ -111,7 +111,8 @@ FUSED = {
     "onnx_attention_4d_gqa": lambda: ag.onnx_attention(rank=4, kv_heads=2),
 }
 
-OP_TYPE = {"ms_attention": "com.microsoft::Attention", "ms_mha": "com.microsoft::MultiHeadAttention",
+OP_TYPE = {"ms_attention": "com.microsoft::Attention",
+           "ms_mha": "com.microsoft::MultiHeadAttention",
            "ms_gqa": "com.microsoft::GroupQueryAttention", "onnx_attention": "Attention"}
 
 

@@ -5,9 +5,11 @@ canonical op name, the values they read and write, and what is known of each val
 weight, shape). Structure finding (``ir/attention.py``) is written once against this view.
 
 Canonical ops: ``linear`` (inputs x; attrs weight, bias, layout, in_features, out_features),
-``matmul``, ``softmax``, ``sdpa`` (inputs q, k, v, ...), shape ops that keep data (``reshape``,
-``transpose``, ``expand``, ``identity``), ``split`` / ``slice`` / ``select`` (attrs index),
-``concat``, ``elementwise`` and ``other``.
+``matmul``, ``softmax``, ``sdpa`` (inputs q, k, v, ...), ``attention_op`` (a fused ONNX
+attention operator: com.microsoft Attention / MultiHeadAttention / GroupQueryAttention,
+opset-23 Attention; attrs from :func:`slimc.ir.attention.fused_attention`), shape ops that keep
+data (``reshape``, ``transpose``, ``expand``, ``identity``), ``split`` / ``slice`` / ``select``
+(attrs index), ``concat``, ``elementwise`` and ``other``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,16 @@ Usage::
 
 Works on FX graphs (``torch.export``) and ONNX models, on every attention form
 ``slimc.ir.attention`` discovers: separate or fused (GPT-2 ``c_attn``, ``nn.MultiheadAttention``
-``in_proj``) Q/K/V projections, decomposed or fused (SDPA) attention cores, and grouped-query
-attention.
+``in_proj``, Phi-3's grouped-query ``qkv_proj``) Q/K/V projections, decomposed or fused (SDPA)
+attention cores, grouped-query attention, and the fused ONNX operators onnxruntime's optimizer,
+Optimum and opset 23 emit: ``com.microsoft::Attention`` (merged QKV weight inside the op,
+``qkv_hidden_sizes``), ``com.microsoft::MultiHeadAttention`` (packed bias input, heads folded
+into the batch axis), ``com.microsoft::GroupQueryAttention`` (separate or packed q|k|v, head
+sinks) and ``Attention`` (3-D with ``q_num_heads`` / ``kv_num_heads`` or 4-D); their head-count
+attributes are rewritten and per-head side inputs (attention bias, masks with a head axis) are
+sliced. Refused with :class:`~slimc.errors.UnsupportedError`: 5-D packed QKV (no projection to
+slice) and key/value caches that cross the model's interface (past inputs, read present
+outputs).
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ def _why_no_attention(graph) -> str:
                                                    "scaled_dot_product_attention")}
     if not cores:
         return "Discovery found no attention block: the graph has no softmax or attention op."
-    return (f"Discovery found no attention block: the graph has {', '.join(f'{k}×{v}' for k, v in cores.items())}, but none reads "
+    found = ", ".join(f"{k}×{v}" for k, v in cores.items())
+    return (f"Discovery found no attention block: the graph has {found}, but none reads "
             "queries, keys and values that come from linear projections (weights that are "
             "graph constants) with an output projection after it.")
 

@@ -364,9 +364,9 @@ def _shape_input(model, editor, consts, node, index: int, new: list, values: dic
                  special: set, provenance: dict):
     """Make ``node.input[index]`` (a 1-D int64 shape) hold ``new`` where the head count
     changed it. Entries in ``special`` stay: Reshape's -1 (infer) and 0 (copy), Expand's 1
-    (broadcast) come out right by themselves. A constant gets a new constant; a shape computed at run time (dynamic input
-    sizes) is scaled in place, ``shape * new // old`` per entry, which is exact because a
-    head-carrying size is a multiple of its old head count."""
+    (broadcast) come out right by themselves. A constant gets a new constant; a shape computed
+    at run time (dynamic input sizes) is scaled in place, ``shape * new // old`` per entry,
+    which is exact because a head-carrying size is a multiple of its old head count."""
     value = node.input[index]
     old = _const_value(model, consts, value) if value in consts else values.get(value)
     if old is None:
