@@ -411,6 +411,7 @@ def test_killed_tune_keeps_every_finished_record_and_resumes(bert_onnx, tmp_path
     assert resumed["trials"] >= 1 and resumed["records"] >= finished
     state = json.loads((db / "slimc_tune.json").read_text())
     assert sum(t["trials"] for t in state["tasks"].values()) == trials_before + resumed["trials"]
+    assert not [p.name for p in db.iterdir() if TEMP.fullmatch(p.name)]
 
 
 @pytest.mark.slow

@@ -120,16 +120,10 @@ def _is_json(line: str) -> bool:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # slimc/_atomic.py: a hidden pid-tagged temporary, fsync, rename; a killed writer's
+    # temporary is removed by the next write
+    from .._atomic import write_text
+    write_text(path, text)
 
 
 def open_database(db, *, create: bool = True, defaults: bool = False
