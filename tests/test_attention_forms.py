@@ -223,6 +223,13 @@ def test_attention_score_needs_visible_probabilities():
     g = _fused("ms_mha")
     with pytest.raises(UnsupportedError, match="MultiHeadAttention"):
         passes.prune_heads(g, ratio=0.5, score="attention", calib=[g.sample_inputs()])
+    g = _fused("ms_attention")  # Wanda needs the projections' activations: inside the op
+    with pytest.raises(UnsupportedError, match="com.microsoft::Attention"):
+        passes.prune_heads(g, ratio=0.5, score="wanda", calib=[g.sample_inputs()])
+    for name in ("ms_mha", "ms_gqa_packed_qkv", "onnx_attention_3d"):
+        g = _fused(name)
+        res = passes.prune_heads.run(g, ratio=0.5, score="wanda", calib=[g.sample_inputs()])
+        check_oracle(g, res.stats["removed"])
 
 
 def test_packed_qkv_mha_is_refused_with_the_reason():

@@ -142,6 +142,12 @@ def prune_heads(graph, /, *, heads: dict | None = None, ratio: float | None = No
                     f"score='attention' reads the attention probabilities, which the fused "
                     f"operator(s) {', '.join(fused)} compute inside and never expose.",
                     "Use score='magnitude' on this graph, or score the unfused model.")
+            inside = sorted({b.nodes["op_type"] for b in blocks if b.nodes.get("packed_weight")})
+            if score == "wanda" and inside:
+                raise UnsupportedError(
+                    f"score='wanda' records each projection's input and output, but the "
+                    f"operator(s) {', '.join(inside)} hold their Q/K/V projection inside.",
+                    "Use score='magnitude' on this graph, or score the unfused model.")
             from .. import importance
             scores = importance.head_scores(graph, score=score, calib=calib, blocks=blocks,
                                             loss=loss)
