@@ -25,10 +25,10 @@ _spec.loader.exec_module(memory)
 
 CONFIG = memory.Config(layers=2, hidden=1024, heads=8, ffn=2816, vocab=8000)
 # step → the most weight-sized copies it may hold at once (peak above the import baseline)
-BOUNDS = {                     # measured (2 cores, 24 GiB): 1.15, 0.75, 5.9, 6.7, 6.6, 6.0
+BOUNDS = {                     # measured (2 cores, 24 GiB): 1.15, 0.75, 4.6, 6.7-6.9, 6.6, 6.0
     "inspect": 1.5,            # the model once, one tensor converted at a time
     "load": 1.5,               # the model once
-    "cleanup": 6.8,            # load + the pass's private copy + onnx-graphsurgeon + save
+    "cleanup": 5.5,            # load + the pass's private copy + onnx-graphsurgeon + save
     "prune_heads": 7.5,        # load + copy + onnxruntime shape probe + save
     "threshold_weights": 7.5,  # load + copy + scores and masks + save
     "quantize": 6.8,           # load + copy + onnxruntime calibration run + save

@@ -133,12 +133,22 @@ def remove_noops(graph: gs.Graph) -> Counter:
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with inferred shapes and types (so shape-only no-ops can be recognised and
     ``Shape`` of static tensors folded), or the model itself where inference fails."""
-    if model.ByteSize() > _INFER_LIMIT:
+    from ...ir.onnx import _weightless, copy_except, serialized_size
+    if serialized_size(model) > _INFER_LIMIT:
         return model
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception:  # inference is an optimisation only; without it fewer no-ops are found
+        # inference on the model without its large weights (it serializes and parses the model:
+        # with them, three transient copies), then the model with the inferred value_info
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model), strict_mode=False,
+                                                     data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is an optimisation only; without it fewer
+        # no-ops are found
         return model
+    out = onnx.ModelProto()
+    copy_except(model, out, {"graph"})
+    copy_except(model.graph, out.graph, {"value_info"})
+    out.graph.value_info.extend(inferred.graph.value_info)
+    return out
 
 
 def _node_key(n: onnx.NodeProto) -> bytes:
@@ -153,14 +163,18 @@ def _same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     ga, gb = a.graph, b.graph
     if sorted(map(_node_key, ga.node)) != sorted(map(_node_key, gb.node)):
         return False
-    def inits(g):
-        return {i.name: i.SerializeToString() for i in g.initializer}
+    # compared one tensor at a time: serializing all of them at once would copy every weight
+    # of both graphs
+    ia = {i.name: i for i in ga.initializer}
+    ib = {i.name: i for i in gb.initializer}
+    if ia.keys() != ib.keys() or any(ia[k].SerializeToString() != ib[k].SerializeToString()
+                                     for k in ia):
+        return False
 
     def names(values):
         return [v.name for v in values]
 
-    return (inits(ga) == inits(gb) and names(ga.input) == names(gb.input)
-            and names(ga.output) == names(gb.output))
+    return names(ga.input) == names(gb.input) and names(ga.output) == names(gb.output)
 
 
 def _restore_metadata(new: onnx.ModelProto, old: onnx.ModelProto) -> None:
