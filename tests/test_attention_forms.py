@@ -312,6 +312,34 @@ def test_minilm_onnx_export_prune_30_percent(exporter):
         np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL)
 
 
+def test_minilm_export_with_dynamic_axes_prunes_at_every_length():
+    """What users export: dynamic batch and sequence, so every reshape target is computed from
+    Shape ops (the head count appears only as -1): discovery reads the head size through ONNX
+    data propagation, and the pruned model is right at two lengths it was not traced with."""
+    module, (ids, mask) = _minilm()
+    buf = io.BytesIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            torch.no_grad():
+        torch.onnx.export(module, (ids, mask), buf, dynamo=False, opset_version=17,
+                          input_names=["ids", "mask"],
+                          dynamic_axes={"ids": {0: "b", 1: "s"}, "mask": {0: "b", 1: "s"}})
+    g = slimc.Graph("onnx", onnx.load_from_string(buf.getvalue()))
+    assert [(b.num_heads, b.head_dim) for b in g.attention_blocks()] == [(12, 32)] * 6
+    res = passes.prune_heads.run(g, ratio=0.3)
+    heads = res.stats["removed"]
+    assert sum(len(v) for v in heads.values()) == round(0.3 * 72)
+    assert [b.num_heads for b in res.graph.attention_blocks()] == \
+        [12 - len(heads.get(i, [])) for i in range(6)]
+    ref = zeroed(g, heads)
+    rng = np.random.default_rng(0)
+    for batch, seq in ((2, 5), (1, 19)):
+        x = rng.integers(0, 1000, (batch, seq)).astype(np.int64)
+        m = np.ones((batch, seq), np.int64)
+        m[0, seq - 2:] = 0
+        for a, b in zip(res.graph.run(x, m), ref.run(x, m)):
+            np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL)
+
+
 def test_minilm_fx_sdpa():
     module, (ids, mask) = _minilm()
     g = slimc.capture(module, (ids, mask))

@@ -84,7 +84,10 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple | None]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(_weightless(model), strict_mode=False)
+        # data_prop: exports with dynamic axes compute reshape targets from Shape ops; only
+        # propagating those values gives q its [B, H, S, head_dim] shape (discovery needs d)
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model), strict_mode=False,
+                                                    data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is best effort here
         inferred = model
     shapes = {}
