@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", help="where to keep the model (reused by a later run with the "
                    "same shape); default: a temporary folder")
     p.add_argument("--out", default=str(ROOT / "bench" / "memory.md"))
+    p.add_argument("--append", action="store_true", help="add this run's table to --out")
     args = p.parse_args(argv)
     cfg = Config(**{k: getattr(args, k) for k in asdict(Config())})
     with contextlib.ExitStack() as stack:
@@ -317,8 +318,20 @@ def main(argv: list[str] | None = None) -> int:
             f"Command: `.venv/bin/python bench/memory.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             + table(steps, weight_bytes) + "\n")
+    ok = [st for st in steps if st.status == "ok" and st.name != "import"]
+    base = next((st.peak_mb for st in steps if st.name == "import"), 0.0)
+    if ok:
+        worst = max(ok, key=lambda st: st.peak_mb)
+        k = (worst.peak_mb - base) / (weight_bytes / 2**20)
+        fits = (_total_memory() / 2**20 - base) / k * 2**20 / 4
+        text += (f"\nLargest step here: {worst.name}, import + {k:.2f} x the weights; at that "
+                 f"rate this machine's {_total_memory() / 2**30:.0f} GiB hold the step for up to "
+                 f"~{fits / 1e6:,.0f} M fp32 parameters (nothing else running).\n")
     print(text)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if args.append and out.exists():
+        text = out.read_text() + "\n" + text.replace("# Peak memory (bench/memory.py)\n\n", "")
+    out.write_text(text)
     return 0 if all(s.status == "ok" for s in steps) else 1
 
 
