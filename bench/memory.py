@@ -12,7 +12,7 @@ built: each initializer is streamed, a block of rows at a time, into one externa
 (N(0, 0.02²), seeded) so that magnitude scores and thresholds have real work to do.
 
 Every step runs in its own process (a fresh interpreter, as a user's ``slimc`` command does);
-its peak resident set size is the kernel's ``ru_maxrss`` for that process (``os.wait4``), and a
+its peak resident set size is the kernel's high-water mark of that process (``VmHWM``), and a
 watchdog polls the RSS and kills a step that goes over ``--cap-gb`` (the machine is shared), which
 the table then reports as "killed at the cap" rather than a figure. The table is printed and
 written to ``bench/memory.md`` (``--out``).
@@ -157,34 +157,59 @@ class Step:
     name: str
     command: str          # what the step runs, as shown in the table
     argv: list[str]
-    peak_mb: float | None = None     # ru_maxrss of the step's process
+    peak_mb: float | None = None     # the step's peak resident set (VmHWM)
     seconds: float = 0.0
     status: str = "ok"
 
 
+# Runs a step (argv after the interpreter: -m MODULE ... or -c CODE ...) and, at exit, writes
+# the process's VmHWM (peak resident set of its own address space, KiB) to $BENCH_HWM_FILE. Not
+# ru_maxrss: Linux carries the parent's high-water mark into a forked child across exec, so a
+# step started from a large process (a pytest session that imported torch) would report that.
+_WRAP = textwrap.dedent("""\
+    import atexit, os, runpy, sys
+    def report(path=os.environ["BENCH_HWM_FILE"]):
+        with open("/proc/self/status") as f:
+            hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+        with open(path, "w") as f:
+            f.write(hwm)
+    atexit.register(report)
+    kind, target, *rest = sys.argv[1:]
+    if kind == "-m":
+        sys.argv = [target, *rest]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *rest]
+        exec(compile(target, "<step>", "exec"), {"__name__": "__main__"})
+""")
+
+
 def measure(argv: list[str], *, cap_bytes: int | None = None, env: dict | None = None,
             timeout: float = 3600) -> tuple[float, float, str]:
-    """Run ``argv``; return (peak RSS in MB from the kernel, seconds, status). A watchdog kills
-    the process (status "killed at the cap") when its RSS exceeds ``cap_bytes``."""
+    """Run ``argv`` (``[python, "-m" | "-c", ...]``); return (peak RSS in MB, seconds, status).
+    The peak is the process's VmHWM from the kernel; a watchdog polling the RSS kills the process
+    (status "killed at the cap", peak: the last RSS polled) when it exceeds ``cap_bytes``."""
     import psutil
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, cwd=ROOT)
+    fd, hwm_file = tempfile.mkstemp(prefix="bench-hwm-")
+    os.close(fd)
+    proc = subprocess.Popen([argv[0], "-c", _WRAP, *argv[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **(env or {}), "BENCH_HWM_FILE": hwm_file})
     watched = psutil.Process(proc.pid)
     status = "ok"
+    polled = 0
     out_chunks: list[bytes] = []
     os.set_blocking(proc.stdout.fileno(), False)
-    while True:
-        pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
+    while proc.poll() is None:
         chunk = proc.stdout.read()
         if chunk:
             out_chunks.append(chunk)
-        if pid:
-            break
         try:
             rss = watched.memory_info().rss
         except psutil.NoSuchProcess:
             rss = 0
+        polled = max(polled, rss)
         if cap_bytes is not None and rss > cap_bytes:
             status = f"killed at the {cap_bytes / 2**30:.0f} GiB cap"
             os.kill(proc.pid, signal.SIGKILL)
@@ -192,13 +217,16 @@ def measure(argv: list[str], *, cap_bytes: int | None = None, env: dict | None =
             status = "timed out"
             os.kill(proc.pid, signal.SIGKILL)
         time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(code)
+    out_chunks.append(proc.stdout.read() or b"")
     proc.stdout.close()
     seconds = time.monotonic() - start
+    text = Path(hwm_file).read_text().strip()
+    os.unlink(hwm_file)
+    peak_mb = int(text) / 1024 if text else polled / 2**20
     if status == "ok" and proc.returncode != 0:
-        text = b"".join(out_chunks).decode(errors="replace").strip().splitlines()
-        status = f"failed ({proc.returncode}): {text[-1][:120] if text else ''}"
-    return usage.ru_maxrss / 1024, seconds, status   # Linux: ru_maxrss is in KiB
+        lines = b"".join(out_chunks).decode(errors="replace").strip().splitlines()
+        status = f"failed ({proc.returncode}): {lines[-1][:120] if lines else ''}"
+    return peak_mb, seconds, status
 
 
 _PASS_SCRIPT = textwrap.dedent("""\
@@ -314,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(external data).\n"
             f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
             f"{_total_memory() / 2**30:.0f} GiB; each step in a fresh process; peak RSS = the "
-            f"process's ru_maxrss.\n"
+            f"process's VmHWM.\n"
             f"Command: `.venv/bin/python bench/memory.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             + table(steps, weight_bytes) + "\n")
