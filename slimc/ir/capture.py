@@ -195,9 +195,12 @@ def _load_onnx(path: Path) -> Graph:
     if not model.graph.node and not model.graph.output:
         raise InputFileError(f"{path} parses but holds no graph (no nodes, no outputs): it is "
                              "not an ONNX model or it is corrupt.", "Re-export the model.")
+    _check_names(model.graph, path)
     _check_opset(model, path)
     _check_structure(model, path)
     _check_input_dims(model, path)
+    _check_initializer_sizes(model, path)  # the inline ones; external data is checked below
+    _check_shape_constants(model, path)
     from onnx.external_data_helper import load_external_data_for_model, uses_external_data
     external = any(uses_external_data(t) for t in model.graph.initializer)
     if external:
@@ -219,7 +222,7 @@ def _load_onnx(path: Path) -> Graph:
                 f"{path} refers to external weight data that cannot be read: {e}.",
                 "Keep the .onnx file next to its external data file(s), with their original "
                 "names.") from e
-    _check_initializer_sizes(model, path)
+        _check_initializer_sizes(model, path)
     if not model.graph.output:
         raise InputFileError(f"{path} has no graph outputs.", "Re-export the model.")
     return Graph("onnx", model, history=["load"])
@@ -250,6 +253,25 @@ def _check_external_files(model, path: Path) -> None:
             raise InputFileError(f"{problem} needs bytes {offset}..{end} of {loc!r}, which has "
                                  f"{size}.", f"The data file is truncated or from another "
                                  f"export. {fix}")
+
+
+def _check_names(graph, path: Path) -> None:
+    """Names must be text: protobuf hands back a corrupt (non-UTF-8) string as bytes, which every
+    tool after it (graphsurgeon, onnx.helper) chokes on."""
+    named = [*graph.input, *graph.output, *graph.value_info, *graph.initializer]
+    for k, n in enumerate(graph.node):
+        texts = [n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute)]
+        bad = next((t for t in texts if isinstance(t, bytes)), None)
+        if bad is not None:
+            raise InputFileError(f"{path}: node #{k} holds the name {bad!r}, which is not valid "
+                                 "UTF-8 text.", "The file is corrupt; re-export it.")
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _check_names(sub, path)
+    bad = next((v.name for v in named if isinstance(v.name, bytes)), None)
+    if bad is not None:
+        raise InputFileError(f"{path}: the value {bad!r} has a name that is not valid UTF-8 "
+                             "text.", "The file is corrupt; re-export it.")
 
 
 def _check_opset(model, path: Path) -> None:
@@ -306,6 +328,66 @@ def _check_structure(model, path: Path) -> None:
             "An ONNX graph must be acyclic; re-export the model.")
 
 
+_SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1}
+# ops through which onnx's shape inference propagates values (data_prop), from Shape outputs
+_SHAPE_MATH = {"Shape", "Gather", "Concat", "Unsqueeze", "Squeeze", "Slice", "Mod", "Add", "Sub",
+               "Mul", "Div", "Cast", "Reshape", "Identity", "Size"}
+
+
+def _check_shape_constants(model, path: Path) -> None:
+    """Constant shapes no tensor can have. A corrupt one is not harmless: onnx's shape inference
+    with data propagation (which slimc's passes use) builds a vector of that many entries when it
+    reshapes a shape computation, and runs out of memory (a flipped byte turned a [1] into
+    [200111116255233] in the fuzz)."""
+    from onnx import TensorProto, numpy_helper
+    const = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    const[n.output[0]] = a.t
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def small_ints(t) -> bool:
+        return t.data_type in (TensorProto.INT64, TensorProto.INT32) and len(t.dims) <= 1 \
+            and (not t.dims or t.dims[0] <= 64) and t.data_location != TensorProto.EXTERNAL
+
+    memo: dict[str, bool] = {}
+
+    def shape_derived(name: str, depth: int = 0) -> bool:
+        """Computed from Shape outputs and small integer constants only (what data
+        propagation follows)."""
+        if name in const:
+            return small_ints(const[name])
+        if name not in memo:
+            n = producer.get(name)
+            if n is None or depth > 32 or n.op_type not in _SHAPE_MATH:
+                memo[name] = False
+            elif n.op_type in ("Shape", "Size"):
+                memo[name] = True
+            else:
+                ins = [i for i in n.input if i]
+                memo[name] = bool(ins) and all(shape_derived(i, depth + 1) for i in ins)
+        return memo[name]
+
+    for n in model.graph.node:
+        k = _SHAPE_INPUT.get(n.op_type)
+        if k is None or len(n.input) <= k or n.input[k] not in const:
+            continue
+        t = const[n.input[k]]
+        if not small_ints(t):
+            continue  # not a shape vector: the checker and onnxruntime judge it
+        values = numpy_helper.to_array(t).ravel().tolist()
+        big = [v for v in values if v > 2**31 - 1]
+        elements = int(np.prod([v for v in values if v > 0], dtype=np.float64))
+        if big or n.op_type == "Reshape" and shape_derived(n.input[0]) and elements > 2**16:
+            what = "a dimension over 2^31" if big else f"{elements} values of a shape computation"
+            raise ShapeError(
+                f"{path}: node {n.name or n.op_type!r} ({n.op_type}) asks for the shape "
+                f"{values} ({what}), which no tensor can have: the file is corrupt.",
+                "Re-export the model.")
+
+
 def _check_input_dims(model, path: Path) -> None:
     from onnx import helper
     init = {t.name for t in model.graph.initializer}
@@ -336,7 +418,10 @@ def _check_initializer_sizes(model, path: Path) -> None:
     """Raw weight bytes must match the declared shape (a corrupt file can declare anything)."""
     import onnx
     from onnx import helper
-    for t in model.graph.initializer:
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+        if a.HasField("t")]
+    for t in tensors:
         if any(d < 0 for d in t.dims):
             raise InputFileError(f"{path}: weight {t.name!r} has a negative dimension "
                                  f"{list(t.dims)}.", "The file is corrupt; re-export it.")
