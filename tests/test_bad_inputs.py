@@ -284,7 +284,7 @@ def test_huge_external_data_short(tmp_path):
 @pytest.mark.slow
 def test_huge_external_data_loads(tmp_path):
     """A valid model over protobuf's 2 GiB limit (sparse data file) loads and inspects (about
-    40-90 s and 6.5 GB peak on this machine)."""
+    20-90 s and 6.5 GB peak on this machine: slow for its memory)."""
     path = corpus_script.write_huge_external(tmp_path)
     before = _stats(tmp_path)
     g = slimc.load(path)
