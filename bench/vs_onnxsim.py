@@ -268,6 +268,10 @@ def main(argv=None) -> int:
                     main_fn = vm["main"]
                     runs[f"{setting} / slimc / TVM"] = (lambda m=main_fn, a=targs: m(*a))
                 rows.append(row)
+                # each row as it is measured: a later step that dies (onnxsim's Wanda on
+                # BERT-base peaked at 14.6 GB here) does not take the earlier ones with it
+                print("   ", {k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in row.items()}, flush=True)
         print(f"timing {len(runs)} builds, {args.runs} interleaved rounds ...", flush=True)
         med = time_all(runs, args.runs)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
