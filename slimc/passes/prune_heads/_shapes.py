@@ -134,33 +134,92 @@ def _pointwise(op, ins, outs, ctx):
     return [_broadcast(op, [d for d in ins if d is not None], outs[0], ctx)]
 
 
+def _ones_only(in_dims: list, out_shape) -> list | None:
+    """A reshape that only inserts or removes size-1 dimensions (unsqueeze / squeeze): every
+    other dimension keeps its atoms, aligned from the left, so a head axis of size 1 (one
+    key/value head) stays where it was. None for any other reshape."""
+    sizes = [old_size(d) for d in in_dims]
+    if [x for x in sizes if x != 1] != [x for x in out_shape if x != 1]:
+        return None
+    if any(v == 1 and sym and size != 1 for d, size in zip(in_dims, sizes) for v, sym in d):
+        return None   # a singleton head atom inside a larger dimension may be split off
+    out, pending, i = [], [], 0
+    for size in out_shape:
+        while i < len(in_dims) and sizes[i] != size and sizes[i] == 1:
+            pending += in_dims[i]   # a removed singleton: its atoms join the next dimension
+            i += 1
+        if i < len(in_dims) and sizes[i] == size:
+            out.append(tuple(pending) + tuple(in_dims[i]))
+            i += 1
+        elif size == 1:
+            out.append(tuple(pending))
+        else:
+            return None
+        pending = []
+    rest = pending + [a for d in in_dims[i:] for a in d]
+    if rest and out:
+        out[-1] = out[-1] + tuple(rest)
+    return out
+
+
+def _joins(queue: deque, origin: int | None) -> bool:
+    """Whether the singleton at the head of ``queue`` belongs to the dimension being filled
+    (whose atoms came from input dimension ``origin``; None: a new size-1 dimension so far
+    empty). Queue items are (size, symbol, input dimension, marker)."""
+    _, sym, j, marker = queue[0]
+    if marker or sym:
+        if origin is not None:
+            return j == origin
+        # an empty size-1 dimension takes it, unless a head atom continues a head product
+        return marker or not (len(queue) > 1 and queue[1][2] == j and queue[1][1])
+    return True
+
+
 def map_reshape(name: str, in_dims: list, out_shape) -> list:
-    """Regroup the atoms of ``in_dims`` (in order) into dimensions of the sizes ``out_shape``."""
-    queue = deque(a for d in in_dims for a in d)
+    """Regroup the atoms of ``in_dims`` (in order) into dimensions of the sizes ``out_shape``.
+
+    Every atom remembers its input dimension, and an input dimension of size 1 leaves a
+    marker: a singleton (a head axis with one key/value head, a batch or sequence of 1) fits
+    anywhere by size, and goes with its own group rather than the first dimension it fits in."""
+    ones = _ones_only(in_dims, out_shape)
+    if ones is not None:
+        return ones
+    queue = deque()
+    for j, d in enumerate(in_dims):
+        queue.extend((v, sym, j, False) for v, sym in d)
+        if not d:
+            queue.append((1, None, j, True))
     out = []
     for s in out_shape:
-        cur, prod = [], 1
+        cur, prod, origin = [], 1, None
         while prod < s:
             if not queue:
                 raise HeadShapeError(name, "the reshape does not preserve the element count")
-            v, sym = queue.popleft()
+            v, sym, j, marker = queue.popleft()
+            if marker:
+                continue
             if s % (prod * v) == 0:
                 cur.append((v, sym))
                 prod *= v
             elif sym is None and s % prod == 0 and v % (s // prod) == 0:
                 need = s // prod
                 cur.append((need, None))
-                queue.appendleft((v // need, None))
+                queue.appendleft((v // need, None, j, False))
                 prod = s
             else:
                 raise HeadShapeError(name, "the reshape splits a head axis across dimensions")
-        while queue and queue[0][0] == 1:
-            cur.append(queue.popleft())
+            origin = j
+        while queue and queue[0][0] == 1 and _joins(queue, origin):
+            v, sym, j, marker = queue.popleft()
+            if not marker:
+                cur.append((v, sym))
+            origin = j
         out.append(tuple(cur))
-    if any(v != 1 for v, _ in queue):
+    if any(v != 1 for v, *_ in queue):
         raise HeadShapeError(name, "the reshape does not preserve the element count")
-    if queue and out:
-        out[-1] = out[-1] + tuple(queue)
+    rest = tuple((v, sym) for v, sym, _, marker in queue if not marker)
+    if rest and out:
+        out[-1] = out[-1] + rest
     return out
 
 
