@@ -39,7 +39,9 @@ CASES = {
     "prune_heads": (lambda inputs: {"heads": {0: [1]}}, "changed"),
     "factorize_low_rank": (lambda inputs: {"rank": 4, "only_if_smaller": False}, "changed"),
     "quantize": (lambda inputs: {"calib": _calib(inputs)}, "changed"),
-    "smooth_quant": (lambda inputs: {"calib": _calib(inputs), "alpha": 0.5}, "exact"),
+    # BERT is post-norm: its LayerNorm outputs also feed the residual, so only "insert" applies
+    "smooth_quant": (lambda inputs: {"calib": _calib(inputs), "alpha": 0.5, "mode": "insert"},
+                     "exact"),
     # needs fake-quant to fold: runs on quantize's result (see _prepare)
     "fold_fake_quant": (lambda inputs: {}, "changed"),
 }

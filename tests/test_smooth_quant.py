@@ -220,6 +220,10 @@ def test_quantize_smoothing_nothing_is_no_silent_no_op():
     with on_no_match("warn"), pytest.warns(NoMatchWarning, match="smooth"):
         r = passes.quantize.run(g, calib=calib, smooth=0.5)
     assert r.stats["quantized"] and r.stats["smooth"]["matched"] == 0
+    # the pass alone too: nothing to fold raises, naming the mode that would apply
+    with pytest.raises(UnsupportedError, match="mode='insert'"):
+        passes.smooth_quant(g, alpha=0.5, calib=calib)
+    assert passes.smooth_quant.run(g, alpha=0.5, calib=calib, mode="insert").stats["changed"]
 
 
 @pytest.mark.slow  # a transformers capture / dynamo export: several seconds

@@ -161,6 +161,12 @@ EXPECT: dict[str, Expect] = {
         matched=_edited_and_skipped("layers"),
         changed=lambda s: len(s.get("layers") or {}),
         refused=_skipped),
+    "smooth_quant": Expect(
+        asks=lambda o: True,
+        looked_for=lambda o: ("LayerNorm / RMSNorm / Linear outputs read only by Linears"
+                              if o.get("mode", "fold") == "fold" else
+                              "values read by Linears (mode='insert')")
+        + " (post-norm models such as BERT need mode='insert')"),
     # passes whose options never ask for a change: counts only, never an error
     "cleanup": Expect(
         asks=lambda o: False,
