@@ -36,7 +36,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import OptionError, PassError, UnsupportedError
-from ..ir.graph import check_inputs
+from . import _calib
 
 SCORES = ("magnitude", "taylor", "attention", "wanda")
 
@@ -49,25 +49,7 @@ def calibration_batches(graph, calib) -> list:
         raise OptionError("This importance score needs calibration data: calib=[inputs, ...].",
                           "Pass a few input tuples like the model's example inputs, or use "
                           "score='magnitude'.")
-    if isinstance(calib, np.ndarray) or hasattr(calib, "detach"):
-        calib = [calib]
-    try:
-        items = list(calib)
-    except TypeError:
-        raise OptionError(f"calib must be a list of input tuples, got {type(calib).__name__}.",
-                          "Pass e.g. calib=[(ids,), (ids2,)].") from None
-    if not items:
-        raise OptionError("calib is empty.", "Pass at least one batch of inputs.")
-    specs = graph.input_specs() if graph.backend == "onnx" or graph.example_inputs is not None \
-        else None
-    out = []
-    for batch in items:
-        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-        batch = tuple(np.asarray(x.detach().cpu() if hasattr(x, "detach") else x) for x in batch)
-        if specs is not None:
-            check_inputs(specs, batch)
-        out.append(batch)
-    return out
+    return _calib.check_batches(graph, calib, "this importance score")
 
 
 # -- scores ------------------------------------------------------------------------------------
