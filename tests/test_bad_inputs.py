@@ -10,17 +10,16 @@ representative subset, where exit code, stderr and the absence of a traceback ar
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from deadline import deadline
 
 import slimc
 from slimc import passes
@@ -49,18 +48,9 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@contextlib.contextmanager
 def _deadline(seconds: int):
     """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
-    def expire(signum, frame):
-        raise TimeoutError(f"no result after {seconds} s: slimc hangs on this input")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    return deadline(seconds, f"no result after {seconds} s: slimc hangs on this input")
 
 
 @pytest.fixture(autouse=True)

@@ -23,9 +23,7 @@ scales every hypothesis test to that many examples and the ONNX mutation loop to
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ import onnx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from deadline import deadline
 from hypothesis import strategies as st
 
 import slimc
@@ -55,17 +54,8 @@ def _fuzz_settings(ci: int):
                                            HealthCheck.function_scoped_fixture])
 
 
-@contextlib.contextmanager
 def _deadline(seconds: int, what: str):
-    def expire(signum, frame):
-        raise TimeoutError(f"{what}: no result after {seconds} s (a hang)")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    return deadline(seconds, f"{what}: no result after {seconds} s (a hang)")
 
 
 # -- (a) generated Transformers --------------------------------------------------------------
