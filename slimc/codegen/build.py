@@ -22,6 +22,7 @@ from tvm import relax
 from .. import __version__
 from ..errors import OptionError, ShapeError, SlimcError, UnsupportedError
 from ..ir import Graph, TensorSpec
+from ..runtime import use_physical_cores
 from .cuda import keep_source as keep_cuda_source
 from .cuda import precompile as precompile_cuda
 from .export import Artifact
@@ -302,6 +303,9 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
     tgt = resolve_target(target, **(target_options or {}))
     device = device_kind(tgt)
     hook = schedule_hook(tune, db)
+    # the executable is run in this process, right after, more often than not: TVM's thread
+    # pool must be sized before its first parallel kernel (see use_physical_cores)
+    use_physical_cores()
     graph = _as_graph(graph)
     _refuse_nan_weights(graph)
     start = time.perf_counter()

@@ -11,6 +11,7 @@ and ``metadata.json`` (inputs, outputs, target, versions, the passes applied)::
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -49,6 +50,39 @@ def _tvm():
         if hide and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
     return tvm
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (SMT siblings counted once)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") \
+        else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:   # no sysfs topology (not Linux, a sandbox): count logical CPUs
+            cores.add(("cpu", cpu))
+    return max(1, len(cores))
+
+
+def use_physical_cores() -> int | None:
+    """Size TVM's thread pool to :func:`physical_cores` unless ``TVM_NUM_THREADS`` or
+    ``OMP_NUM_THREADS`` is set; returns the count set, or None when the user's setting stands.
+
+    TVM's default on x86 is half the logical CPUs, assuming two hyper-threads per core: on a
+    machine without SMT (many VMs and cloud instances) it uses half the cores: on a 2-core VM
+    every kernel ran on one thread, which was most of slimc's fp32 gap to onnxruntime there
+    (bench/matmul.py). TVM reads the variable when a thread first launches a parallel kernel,
+    so this runs before any model does (:func:`load`, ``slimc.compile``); child processes
+    inherit it.
+    """
+    if os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    count = physical_cores()
+    os.environ["TVM_NUM_THREADS"] = str(count)
+    return count
 
 
 def machine_arch(triple_or_machine: str) -> str:
@@ -164,6 +198,7 @@ def load(path) -> Module:
         raise ArtifactError(f"{lib_path} is {size:,} bytes; the metadata says "
                             f"{meta['library_bytes']:,}: the copy is truncated or was replaced.",
                             "Copy the artifact directory again, or compile the model again.")
+    use_physical_cores()
     tvm = _tvm()
     _check_tvm_version(path, meta, tvm)
     _check_host(path, meta, tvm)
