@@ -9,7 +9,8 @@ with rules tried in order on each function:
                index order, with injective prologue/epilogue blocks): a register tile of
                ``mr`` rows × ``nr`` columns accumulated in a local buffer (vector registers), the
                reduction split into ``kc`` blocks, the epilogue (bias, GELU, residual) computed
-               from the registers, and the (batch, column-tile, row-tile) loops run in parallel.
+               from the registers, and the (batch, column-tile, row-tile) loops run in parallel
+               when the whole output (all batches) has ``min_parallel`` elements.
                A weight bound as a constant is packed into column panels ``[N/nr, K, nr]`` at
                build time, so the kernel streams it contiguously; an activation whose columns
                are not contiguous is packed on each call.
@@ -337,8 +338,12 @@ def _schedule_matmul(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig) -
     for blk in epilogue:
         if not _try(sch.reverse_compute_inline, blk):
             leftover.append(blk)
-    outer = sch.fuse(*outer_loops)
+    # the batch counts: 12 heads of a 128 × 64 attention product are 98k outputs, not 8k
     work = None if m is None or n is None else m * n
+    for lp in [*gemm.batch, *gemm.rows[:-1], *gemm.cols[:-1]]:
+        e = _extent(sch, lp)
+        work = None if work is None or e is None else work * e
+    outer = sch.fuse(*outer_loops)
     if work is None or work >= cfg.min_parallel:
         sch.parallel(outer)
     sch.unroll(ii)

@@ -1,0 +1,44 @@
+"""The default CPU schedules' loop structure (slimc/codegen/schedules.py): what runs in
+parallel, what is vectorized, and the code built for other x86 ISAs. Numerics of the matmul rule
+are in test_tune.py; these tests check the structure that makes the kernels fast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+
+from slimc.codegen.schedules import apply_default_schedules, cpu_config, schedule_report
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                          "num-cores": 2})
+
+
+def _module(*shapes: tuple, op=relax.op.matmul) -> tvm.IRModule:
+    params = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(op(*params)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _kernels(mod: tvm.IRModule, rule: str) -> list[str]:
+    """TVMScript of every PrimFunc the given rule scheduled."""
+    report = schedule_report(mod)
+    return [f.script() for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and report.get(gv.name_hint) == rule]
+
+
+@pytest.mark.parametrize("a, b, parallel", [
+    # 12 heads of softmax(S) @ V: 128 × 64 outputs each, 98k in all
+    ((12, 128, 128), (12, 128, 64), True),
+    ((128, 128), (128, 64), False),   # 8k outputs: below min_parallel, one thread
+])
+def test_matmul_parallel_work_counts_the_batch(a, b, parallel):
+    cfg = cpu_config(HOST)
+    assert (np.prod(a[:-1]) * b[-1] >= cfg.min_parallel) == parallel
+    (text,) = _kernels(apply_default_schedules(_module(a, b), HOST), "matmul")
+    assert ("T.parallel(" in text) == parallel
