@@ -42,3 +42,21 @@ def test_matmul_parallel_work_counts_the_batch(a, b, parallel):
     assert (np.prod(a[:-1]) * b[-1] >= cfg.min_parallel) == parallel
     (text,) = _kernels(apply_default_schedules(_module(a, b), HOST), "matmul")
     assert ("T.parallel(" in text) == parallel
+
+
+def _asm(mod: tvm.IRModule, target: tvm.target.Target) -> str:
+    ex = tvm.compile(apply_default_schedules(mod, target), target=target)
+    return ex.mod.imports[0].inspect_source("s")
+
+
+@pytest.mark.parametrize("mcpu, register", [("haswell", "ymm"), ("znver3", "ymm"),
+                                            ("znver4", "zmm"), ("skylake-avx512", "zmm")])
+def test_matmul_inner_loop_is_fma_on_the_targets_vector_registers(mcpu, register):
+    """Built (not run: the host may lack the ISA) for AVX2 and AVX-512 CPUs: broadcast + FMA on
+    the widest registers the ISA has, and no 512-bit code for an AVX2 CPU."""
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    lines = _asm(_module((64, 256), (256, 128)), target).splitlines()
+    fma = [ln for ln in lines if "vfmadd" in ln]
+    assert len([ln for ln in fma if f"%{register}" in ln]) >= cpu_config(target).mr, mcpu
+    if register == "ymm":
+        assert not any("%zmm" in ln for ln in lines), mcpu
