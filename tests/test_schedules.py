@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm import relax, tirx
 
@@ -60,3 +61,43 @@ def test_matmul_inner_loop_is_fma_on_the_targets_vector_registers(mcpu, register
     assert len([ln for ln in fma if f"%{register}" in ln]) >= cpu_config(target).mr, mcpu
     if register == "ymm":
         assert not any("%zmm" in ln for ln in lines), mcpu
+
+
+def _run(mod: tvm.IRModule, *args: np.ndarray) -> np.ndarray:
+    ex = tvm.compile(apply_default_schedules(mod, HOST), target=HOST)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+
+
+def _layer_norm(x, n: int):
+    gamma = relax.const(np.linspace(0.5, 1.5, n, dtype="float32"))
+    return relax.op.nn.layer_norm(x, gamma, relax.const(np.zeros(n, "float32")), axes=[-1],
+                                  epsilon=1e-12)
+
+
+def _want(kind: str, x: np.ndarray) -> np.ndarray:
+    x64 = torch.from_numpy(x).double()
+    if kind == "softmax":
+        return torch.softmax(x64, -1).numpy()
+    gamma = torch.linspace(0.5, 1.5, x.shape[-1], dtype=torch.float64)
+    return torch.nn.functional.layer_norm(x64, (x.shape[-1],), eps=1e-12).numpy() * gamma.numpy()
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "softmax"])
+@pytest.mark.parametrize("shape, vectorized", [
+    ((1, 128, 768), True),     # BERT-base hidden
+    ((2, 12, 128), True),      # attention rows
+    ((3, 100), False),         # not a multiple of the vector: DLight's scalar rule
+    ((5, 8), False),           # shorter than two vectors
+])
+def test_row_reductions_are_vectorized_and_exact(kind, shape, vectorized):
+    op = (lambda x: _layer_norm(x, shape[-1])) if kind == "layer_norm" \
+        else (lambda x: relax.op.nn.softmax(x, axis=-1))
+    mod = _module(shape, op=op)
+    (text,) = _kernels(apply_default_schedules(mod, HOST), "reduction")
+    lanes = cpu_config(HOST).lanes
+    partial = "_rf_update" in text and f"T.vectorized(T.int64({lanes}))" in text
+    assert partial == (vectorized and shape[-1] % lanes == 0)
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32") * 3
+    got = _run(mod, x)
+    assert np.abs(got - _want(kind, x)).max() < 2e-6

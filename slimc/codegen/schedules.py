@@ -14,7 +14,10 @@ with rules tried in order on each function:
                A weight bound as a constant is packed into column panels ``[N/nr, K, nr]`` at
                build time, so the kernel streams it contiguously; an activation whose columns
                are not contiguous is packed on each call.
-``reduction``  softmax / layer norm / RMS norm: DLight's CPU rule (rows in parallel, vectorized).
+``reduction``  softmax / layer norm / RMS norm: DLight's CPU rule (rows in parallel, element-wise
+               parts vectorized) with each row's sums and maxima vectorized too: split into
+               ``lanes`` partial results (one vector register) combined after the row (rfactor).
+               Rows that are not a multiple of the vector keep DLight's scalar reductions.
 ``injective``  element-wise, broadcast, reshape and transpose chains: inlined into one loop nest,
                vectorized and run in parallel.
 ``fallback``   anything else: producers inlined, outer loop in parallel.
@@ -24,9 +27,11 @@ apply (or whose schedule primitive refuses) leaves the function to the next rule
 no rule takes is left as TVM legalized it (correct, only slow). Every scheduled function records
 the rule in its ``slimc.schedule_rule`` attribute (see :func:`schedule_report`).
 
-Numerics: schedules reorder loops but keep each output's reduction order over ``k`` except for the
-``kc`` blocking, which still sums in increasing ``k``: fp32 results match the unscheduled build to
-rounding (the tests compare with torch at 1e-4). Fast math is separate (:mod:`.fast_math`).
+Numerics: matmul schedules reorder loops but keep each output's reduction order over ``k`` except
+for the ``kc`` blocking, which still sums in increasing ``k``. Row reductions sum ``lanes``
+interleaved partial sums, then those: a different order from the sequential sum, within fp32
+rounding of it (pairwise-like, so no worse). fp32 results match the unscheduled build to rounding
+(the tests compare with torch at 1e-4). Fast math is separate (:mod:`.fast_math`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import relax, s_tir, tirx
-from tvm.s_tir.dlight.analysis import get_root_block
+from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
 from tvm.s_tir.dlight.cpu import Reduction as _DLightReduction
 from tvm.s_tir.dlight.gpu.matmul import detect_iter_traits
 from tvm.target import Target
@@ -374,7 +379,92 @@ def _schedule_injective(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig
     return True
 
 
-def _schedule_reduction(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
+def _vectorize_inner(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Vectorize a block's innermost loop (split to the widest vector dividing it)."""
+    loops = sch.get_loops(block)
+    if len(loops) <= 1:
+        return
+    extent = _extent(sch, loops[-1])
+    width = _vector_width(extent, lanes)
+    if width <= 1:
+        return
+    if extent > width:
+        _, vec = sch.split(loops[-1], [None, width])
+        sch.vectorize(vec)
+    else:
+        sch.vectorize(loops[-1])
+
+
+def _rfactor_rows(sch: s_tir.Schedule, infos: list, lanes: int) -> set[str]:
+    """Split each row reduction ``r = ⊕ x[k]`` into ``lanes`` partial results
+    ``r_j = ⊕ x[k·lanes + j]`` (rfactor), combined after the loop: the partials form one vector
+    register, so the loop is a vector add/max instead of a chain of scalar ones. Returns the
+    names of the partial-result blocks. Rows shorter than two vectors are left alone."""
+    partial = set()
+    for info in infos:
+        if info.is_injective():
+            continue
+        block = info.block_rv
+        stmt = sch.get(block)
+        reduce_ivs = [iv for iv in stmt.iter_vars if iv.iter_type != tirx.IterVar.DataPar]
+        loops = sch.get_loops(block)
+        extent = _extent(sch, loops[-1])
+        if (len(reduce_ivs) != 1 or stmt.iter_vars[-1].iter_type == tirx.IterVar.DataPar
+                or extent is None or extent % lanes or extent < 2 * lanes):
+            continue
+        _, lane = sch.split(loops[-1], [None, lanes])
+        # the partials innermost in their buffer, so that lane j of the vector is partial j
+        rf = sch.rfactor(lane, factor_axis=len(stmt.writes[0].region))
+        partial.add(sch.get(rf).name_hint)
+    return partial
+
+
+def _schedule_reduction(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig) -> bool:
+    """Softmax / layer norm / RMS norm: DLight's CPU rule (the leading spatial axes fused and
+    run in parallel, every block computed at that loop, injective blocks vectorized) with the
+    reductions vectorized by :func:`_rfactor_rows` (DLight leaves them scalar: rfactor needs
+    the block alone under its loops, so it runs here before ``compute_at``)."""
+    infos = normalize_prim_func(sch)
+    if infos is None or len(infos) < 2 or not infos[-1].is_injective() \
+            or all(info.is_injective() for info in infos):
+        return False
+    kinds = [info.dom_kind() for info in infos]
+    if any(not k or k[0] != "S" for k in kinds):
+        return False
+    leading = min(len(k) - len(k.lstrip("S")) for k in kinds)
+    partial = _rfactor_rows(sch, infos, cfg.lanes)
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    loops = sch.get_loops(blocks[-1])
+    rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+    sch.parallel(rows)
+    _vectorize_inner(sch, blocks[-1], cfg.lanes)
+    for block in reversed(blocks[:-1]):
+        sch.compute_at(block, rows, preserve_unit_loops=True)
+    for block in blocks[:-1]:
+        if sch.get(block).name_hint in partial:
+            # compute_at made one loop per block iterator, in their order, and rfactor put the
+            # lane iterator first: the reduction loop goes outside it, the lanes are the vector
+            ivs = list(sch.get(block).iter_vars)
+            own = sch.get_loops(block)[-len(ivs):]
+            (red,) = [i for i, iv in enumerate(ivs) if iv.iter_type != tirx.IterVar.DataPar]
+            sch.reorder(own[red], own[0])
+            own = sch.get_loops(block)[-len(ivs):]
+            # vectorize before splitting off the init: the update alone is not a complete block
+            sch.vectorize(own[-1])
+            sch.decompose_reduction(block, own[0])
+        elif _is_reduction(sch, block):   # the partials' combination, or a short row
+            loops = sch.get_loops(block)
+            extent = _extent(sch, loops[-1])
+            if extent is None or extent > cfg.lanes:
+                _, inner = sch.split(loops[-1], [None, cfg.lanes])
+                sch.annotate(inner, "pragma_auto_unroll_max_step", cfg.lanes)
+                sch.annotate(inner, "pragma_unroll_explicit", 1)
+        else:
+            _vectorize_inner(sch, block, cfg.lanes)
+    return True
+
+
+def _schedule_dlight_reduction(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule | None:
     return _DLightReduction().apply(func, target, False)
 
 
@@ -399,6 +489,13 @@ def _schedule_fallback(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig)
 RULES = ("matmul", "reduction", "injective", "fallback")
 
 
+def _try_rule(rule: Callable, sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig) -> bool:
+    try:
+        return rule(sch, func, cfg)
+    except _REFUSED:
+        return False
+
+
 def default_schedule(mod: tvm.IRModule, target: Target, cfg: CPUConfig | None = None
                      ) -> tuple[s_tir.Schedule | None, str | None]:
     """The schedule of ``mod["main"]`` (a PrimFunc) by the first rule in :data:`RULES` that
@@ -410,8 +507,10 @@ def default_schedule(mod: tvm.IRModule, target: Target, cfg: CPUConfig | None = 
         sch = s_tir.Schedule(mod)
         try:
             if name == "reduction":
-                sch = _schedule_reduction(func, target)
-                ok = sch is not None
+                ok = _try_rule(_schedule_reduction, sch, func, cfg)
+                if not ok:   # a shape the vectorized rule does not take: DLight's scalar one
+                    sch = _schedule_dlight_reduction(func, target)
+                    ok = sch is not None
             else:
                 ok = {"matmul": _schedule_matmul, "injective": _schedule_injective,
                       "fallback": _schedule_fallback}[name](sch, func, cfg)
