@@ -213,3 +213,45 @@ def test_nvcc_missing_or_arch_unknown(monkeypatch):
     monkeypatch.setattr(cuda, "find_nvcc", lambda: None)
     with pytest.raises(TargetError, match="needs nvcc"):
         cuda.compile_kernels("", ["sm_80"])
+
+
+# -- tuning for CUDA, offline: what can be checked before a GPU measures anything ------------------
+def test_cuda_tuning_candidates_build_to_gpu_kernels(bert_cuda):
+    """Every task's DLight baseline and a batch of candidates from MetaSchedule's GPU search space
+    build (as tune() builds them) into modules with CUDA kernels; measuring them needs the GPU
+    (bench/gpu_cuda.py ran that on an H200)."""
+    import tarfile
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from slimc.codegen import tune as T
+    g, _, _ = bert_cuda
+    target = T._with_gpu_limits(resolve_target("cuda", arch="sm_90"))
+    assert int(target.attrs["max_threads_per_block"]) == 1024
+    mod, _, _ = to_relax(g)
+    tasks = ms.relax_integration.extract_tasks(T.prepare(mod, target), target)
+    builder = T.InProcessBuilder()
+    try:
+        seeds = [T.dlight_schedule(t.dispatched[0], target) for t in tasks]
+        assert all(s is not None for s in seeds), "DLight schedules every kernel"
+        built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in seeds])
+        assert [b.error_msg for b in built] == [None] * len(tasks)
+
+        matmul = max(tasks, key=lambda t: float(tvm.s_tir.analysis.estimate_tir_flops(
+            t.dispatched[0])))
+        ctx = T._tune_context(matmul, target, seed=0, integer=False, evolve=False)
+        ctx.pre_tuning(max_trials=8, num_trials_per_iter=8,
+                       design_spaces=ctx.space_generator.generate_design_space(ctx.mod))
+        candidates = ctx.generate_measure_candidates()
+        assert len(candidates) == 8
+        built += builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+        assert all(b.error_msg is None for b in built), [b.error_msg for b in built]
+        # each artifact carries device code next to its host object (packed imports)
+        for b in built:
+            with tarfile.open(b.artifact_path) as tar:
+                assert any("devc" in n for n in tar.getnames()), tar.getnames()
+        # the candidates differ from DLight's schedule and from each other
+        traces = {str(c.sch.trace) for c in candidates}
+        assert len(traces) > 1
+    finally:
+        builder.cleanup()

@@ -444,3 +444,43 @@ def test_arm_board_presets(capfd):
     for board in ARM_BOARDS:
         tvm.compile(tvm.IRModule({"main": f}), target=resolve_target("arm", board=board))
     assert "not a recognized" not in capfd.readouterr().err
+
+
+def test_a_time_budget_tune_continues_where_the_last_one_stopped(tmp_path):
+    # a task whose share of a time budget ran out is not finished: the next tune with a time
+    # budget goes on searching it (before, it was marked done and every later slice was empty)
+    mod, _, _ = _small_model()
+    db = tmp_path / "db"
+    first = tune(mod, TARGET, seconds=2, db=db, progress=False)
+    assert first.trials >= 1 and first.unfinished >= 1
+    second = tune(mod, TARGET, seconds=2, db=db, progress=False)
+    assert second.trials >= 1 and second.skipped < second.tasks
+    assert count_records(db) > first.records
+
+
+def test_a_tuning_where_every_candidate_fails_is_an_error_and_starts_over(tmp_path):
+    # a real failure: a runner whose time limit no candidate can meet (every run times out)
+    from tvm.s_tir import meta_schedule as ms
+    mod, _, _ = _small_model()
+    db = tmp_path / "db"
+    hopeless = ms.runner.LocalRunner(timeout_sec=1e-4)
+    with pytest.raises(slimc.SlimcError, match="every one failed") as err:
+        tune(mod, TARGET, trials=4, db=db, progress=False, runner=hopeless)
+    assert "first failure" in str(err.value) and "tune again" in str(err.value)
+    assert count_records(db) == 0
+    # the failed trials taught nothing: with a working runner the tasks start over
+    fixed = tune(mod, TARGET, trials=4, db=db, progress=False)
+    assert fixed.skipped == 0 and fixed.trials >= fixed.tasks and fixed.records > 0
+
+
+def test_cuda_is_tuned_only_where_candidates_can_be_measured(tmp_path):
+    from slimc.codegen.targets import local_cuda_arch
+    mod, _, _ = _small_model()
+    cuda = resolve_target("cuda", arch=local_cuda_arch() or "sm_90")
+    if local_cuda_arch() is None:
+        with pytest.raises(OptionError, match="no CUDA GPU.*--rpc-tracker"):
+            tune(mod, cuda, trials=4, db=tmp_path / "db", progress=False)
+        assert not (tmp_path / "db" / "slimc_tune.json").exists()
+    else:   # on a GPU machine: a real tuning run, and its build matches the untuned one
+        summary = tune(mod, cuda, trials=8, db=tmp_path / "db", progress=False)
+        assert summary.records > 0 and summary.failed < summary.trials

@@ -338,7 +338,9 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
         "source": graph.backend,
         "passes": list(graph.history),
         "relax_pipeline": "default",
-        "schedules": _describe(hook),
+        "schedules": ("DLight (TVM's default CUDA pipeline)" if device == "cuda"
+                      and hook is not None and hook.__name__ == "apply_default_schedules"
+                      else _describe(hook)),
         "weights": "bound",
     }
     if device_code is not None:

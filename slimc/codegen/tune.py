@@ -10,8 +10,10 @@ evolutionary search. A task's trials go to a JSON database in ``db`` (TVM's own 
 record per line, appended as each batch is measured), and ``db/slimc_tune.json`` notes how many
 trials each task has had. Hence:
 
-* a second ``tune`` with the same ``db`` runs no trials for tasks already tuned to their budget
-  (it continues a task that was interrupted, and tunes tasks the database has never seen);
+* a second ``tune`` with the same ``db`` runs no trials for tasks already tuned to their trial
+  budget (it continues a task that was interrupted or whose share of a time budget ran out, and
+  tunes tasks the database has never seen); a task none of whose candidates ever built and ran
+  (a broken compiler or driver) starts over;
 * an interrupt (Ctrl-C, a kill) loses at most the batch being measured: records and progress are
   on disk after every batch, the progress file is replaced atomically, and a half-written last
   line of a database file (a kill during the append) is dropped when the database is opened;
@@ -24,6 +26,18 @@ matmuls most of them; ``seconds`` is a wall-clock budget for the measurements (l
 starting the runner come on top), shared the same way: each task tunes until its share runs out,
 checked after each batch of 16 candidates, so a task can overrun by one batch. With both,
 whichever ends first. Neither: 64 trials a task.
+
+A tuning where every candidate fails raises :class:`SlimcError` with the first failure (the
+records and progress are on disk): MetaSchedule itself records a failure as a 1e10 s run and
+goes on, so such a search would otherwise end with nothing learned and no word said.
+
+CUDA targets (``"cuda"``, a tag such as ``"nvidia/nvidia-h100"``): the same, with TVM's GPU
+search space (``sch_rules="cuda"``: multi-level tiling with shared-memory staging, thread
+binding, cross-thread reductions), the target's limits filled in where a plain ``{"kind":
+"cuda", "arch": ...}`` lacks them, no fast math and no weight packing (``prepare``), and DLight's
+schedule of each kernel measured first as its baseline (what an untuned CUDA build runs). The
+candidates must be measured on the GPU: without one (and without an RPC ``runner`` reaching one)
+``tune`` refuses.
 
 Building candidates: MetaSchedule's ``LocalBuilder`` starts fresh worker processes for every batch
 and each imports all targets' tensor intrinsics (40-80 s on a small machine, past its 30 s
@@ -181,7 +195,10 @@ class InProcessBuilder(ms.builder.PyBuilder):
         for i, inp in enumerate(build_inputs):
             try:
                 mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(inp.mod)
-                lib = tvm.compile(mod, target=inp.target)
+                # in the target's scope: TVM's CUDA compile callback reads the GPU
+                # architecture from the current target
+                with inp.target:
+                    lib = tvm.compile(mod, target=inp.target)
                 out = tempfile.mkdtemp(dir=self.tmp, prefix=f"c{i}-")
                 path = os.path.join(out, "tvm_tmp_mod." + tar.output_format)
                 lib.export_library(path, fcompile=tar)
@@ -198,7 +215,13 @@ class InProcessBuilder(ms.builder.PyBuilder):
 def prepare(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     """The module tuning extracts tasks from and a tuned build schedules: legalized and fused
     (with fast math), constant weights marked for packing. Both sides must see the same
-    PrimFuncs for database records to match."""
+    PrimFuncs for database records to match.
+
+    CUDA: legalized and fused as TVM's default CUDA pipeline does (no fast math: the GPU's
+    ``erf``/``exp`` are fast already, and an untuned build must compute what a tuned one does),
+    weights left as they are."""
+    if _is_gpu(target):
+        return legalize(mod, target, fast=False)
     mod = legalize(mod, target, fast=True)
     with target:
         return mark_weights(mod)
@@ -238,6 +261,8 @@ class TuneSummary:
     # (seconds since this call started measuring, estimated_ms) after every measured batch at
     # which every task had a measured kernel: how the estimate fell during the search
     history: list[tuple[float, float]] = field(default_factory=list)
+    failed: int = 0                     # candidates of this call that did not build or run
+    first_error: str | None = None      # the first such failure's message
 
     def seconds_to_reach(self, fraction: float = 0.9) -> float | None:
         """Seconds of this call's search until the kernel estimate first reached ``fraction`` of
@@ -259,6 +284,9 @@ class TuneSummary:
                     f"{self.trials} trials in {_fmt_time(self.seconds)}; {self.records} records; "
                     f"kernels ≈ {est}" + ("; interrupted" if self.interrupted else "")
                     + (f"; {self.unfinished} tasks left (time budget)" if self.unfinished else ""))
+        if self.failed:
+            rows.append(f"{self.failed} of {self.trials} candidates failed to build or run; "
+                        f"the first: {_first_lines(self.first_error, 300)}")
         reach = self.seconds_to_reach(0.9)
         if reach is not None:
             rows.append(f"the kernel estimate reached 90 % of its final speed after "
@@ -369,18 +397,20 @@ class _Recorder(ms.measure_callback.PyMeasureCallback):
     """After each measured batch: count trials, keep the best time, save progress, stop the task
     at its deadline."""
 
-    def __init__(self, on_batch: Callable[[int, list[float]], bool]) -> None:
+    def __init__(self, on_batch: Callable[[int, list[float], list[str]], bool]) -> None:
         super().__init__()
         self.on_batch = on_batch
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
               runner_results) -> None:
-        times = []
-        for result in runner_results:
+        times, errors = [], []
+        for built, result in zip(builder_results, runner_results):
             secs = list(result.run_secs) if result.run_secs is not None else []
             ok = result.error_msg is None and secs
             times.append(min(float(s) for s in secs) if ok else float("inf"))
-        if self.on_batch(len(runner_results), times):
+            if not ok:
+                errors.append(str(built.error_msg or result.error_msg or "no run time"))
+        if self.on_batch(len(runner_results), times, errors):
             task_scheduler.terminate_task(task_id)
 
 
@@ -418,29 +448,37 @@ def _tune_context(task, target: Target, seed: int | None, integer: bool,
     from tvm.s_tir.meta_schedule.search_strategy import SearchStrategy
     from tvm.s_tir.meta_schedule.space_generator import SpaceGenerator
     ctx = ms.TuneContext.__new__(ms.TuneContext)
+    # CUDA: TVM's generic GPU space (multi-level tiling with shared-memory staging, cross-thread
+    # reductions, thread binding); tensor-core rules would need the intrinsics
+    kind = "cuda" if _is_gpu(target) else "llvm"
     ctx.__init_handle_by_constructor__(
         _ffi_api.TuneContext, task.dispatched[0], target,
         SpaceGenerator.create("post-order-apply") if integer else SpaceGenerator.create(
-            "post-order-apply", sch_rules="llvm", postprocs="llvm", mutator_probs="llvm"),
+            "post-order-apply", sch_rules=kind, postprocs=kind, mutator_probs=kind),
         SearchStrategy.create("evolutionary", **_EVOLUTION) if evolve
         else SearchStrategy.create("replay-trace"),
-        task.task_name, max(1, int(target.attrs.get("num-cores", os.cpu_count() or 1))),
+        task.task_name, max(1, int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)),
         -1 if seed is None else seed, get_logging_func(get_logger("slimc.tune")))
     _ffi_api.TuneContextInitialize(ctx)
     return ctx
 
 
-def _seed_with_default(task, target: Target, builder, runner, database) -> float | None:
-    """Measure slimc's default schedule of the task and commit it to the defaults database, so
-    a tuned build is never slower than the untuned default (beyond measurement noise). Returns
-    its time in seconds, None when no default rule applies."""
-    sch, _ = default_schedule(task.dispatched[0], target)
+def _seed_with_default(task, target: Target, builder, runner, database
+                       ) -> tuple[float | None, str | None]:
+    """Measure slimc's default schedule of the task (DLight's on CUDA) and commit it to the
+    defaults database, so a tuned build is never slower than the untuned default (beyond
+    measurement noise). Returns (its time in seconds or None, why it failed or None); (None,
+    None) when no default rule applies."""
+    if _is_gpu(target):
+        sch = dlight_schedule(task.dispatched[0], target)
+    else:
+        sch, _ = default_schedule(task.dispatched[0], target)
     if sch is None:
-        return None
+        return None, None
     args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
     built = builder.build([ms.builder.BuilderInput(sch.mod, target)])[0]
     if built.error_msg is not None:
-        return None
+        return None, f"default schedule did not build: {built.error_msg}"
     try:
         device = "cpu" if target.kind.name == "llvm" else target.kind.name
         result = runner.run([ms.runner.RunnerInput(built.artifact_path, device,
@@ -448,11 +486,60 @@ def _seed_with_default(task, target: Target, builder, runner, database) -> float
     finally:
         shutil.rmtree(os.path.dirname(built.artifact_path), ignore_errors=True)
     if result.error_msg is not None or not result.run_secs:
-        return None
+        return None, f"default schedule did not run: {result.error_msg or 'no run time'}"
     workload = database.commit_workload(task.dispatched[0])
     database.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, workload, list(result.run_secs), target, args_info))
-    return min(float(x) for x in result.run_secs)
+    return min(float(x) for x in result.run_secs), None
+
+
+def _is_gpu(target: Target) -> bool:
+    return target.kind.name == "cuda"
+
+
+def _has_cuda_gpu() -> bool:
+    return bool(tvm.cuda(0).exist)
+
+
+# what MetaSchedule's GPU rules read from the target; a plain {"kind": "cuda", "arch": ...}
+# target has none of them. The values hold for every NVIDIA GPU since Volta (48 KB is the shared
+# memory a kernel gets without opting in); a tag such as "nvidia/nvidia-h100" sets its own.
+_GPU_LIMITS = {"max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+               "registers_per_block": 65536, "thread_warp_size": 32}
+
+
+def _with_gpu_limits(target: Target) -> Target:
+    attrs = dict(target.attrs)
+    missing = {k: v for k, v in _GPU_LIMITS.items() if k not in attrs}
+    if not missing:
+        return target
+    conf = dict(target.export())
+    conf.update(missing)
+    return Target(conf)
+
+
+def dlight_schedule(func: tirx.PrimFunc | tvm.IRModule, target: Target
+                    ) -> s_tir.Schedule | None:
+    """The schedule TVM's default CUDA pipeline gives ``func`` (or a task's one-function
+    module): the first DLight GPU rule that applies, in the pipeline's order
+    (relax/backend/cuda/pipeline.py). Its trace is what :func:`tune` measures and records as
+    the untuned baseline of a CUDA task."""
+    from tvm.s_tir import dlight as dl
+    if isinstance(func, tvm.IRModule):
+        func = func["main"]
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+             dl.gpu.Fallback()]
+    with target:
+        for rule in rules:
+            try:
+                sch = rule.apply(func, target, False)
+            except (RuntimeError, ValueError, TypeError, AssertionError, IndexError):
+                continue
+            if isinstance(sch, list):
+                sch = sch[0] if sch else None
+            if sch is not None:
+                return sch
+    return None
 
 
 def _has_integer_kernels(tasks) -> bool:
@@ -508,13 +595,23 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
     once. Either way the records and progress so far are on disk.
     """
     target = target if isinstance(target, Target) else Target(target)
-    if target.kind.name != "llvm":
-        raise OptionError(f"slimc tunes CPU (llvm) targets; {target.kind.name} is not one.",
-                          "CUDA builds use DLight's default schedules (no tuning needed to run).")
+    if target.kind.name not in ("llvm", "cuda"):
+        raise OptionError(f"slimc tunes CPU (llvm) and CUDA targets; {target.kind.name} is "
+                          "neither.", "Pass target 'x86', 'arm', 'cuda' or an llvm/cuda Target.")
     if trials is not None and trials < 1 or seconds is not None and seconds <= 0:
         raise OptionError(f"A tuning budget must be positive (trials={trials}, "
                           f"seconds={seconds}).", "Pass trials=N and/or seconds=S.")
-    target = _with_core_count(target)
+    if _is_gpu(target):
+        target = _with_gpu_limits(target)
+        if runner is None and not _has_cuda_gpu():
+            raise OptionError(
+                "Tuning for CUDA measures every candidate on the GPU, and this machine has no "
+                "CUDA GPU (or this TVM has no CUDA runtime).",
+                "Tune on the GPU machine, or measure there remotely: start a TVM RPC server on "
+                "it and pass `slimc tune --rpc-tracker HOST:PORT --rpc-key KEY` (runner=...). "
+                "Without tuning, `slimc compile --target cuda` uses DLight's default schedules.")
+    else:
+        target = _with_core_count(target)
     start = time.monotonic()
     path = Path(db)
     database = open_database(path)
@@ -531,6 +628,10 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
     for task in tasks:
         key = _task_key(task)
         saved = state["tasks"].get(key, {})
+        if saved.get("best_ms") is None:
+            # every trial so far failed (a broken compiler or driver, since fixed?): those
+            # trials taught nothing, so the task starts over instead of counting them
+            saved = {}
         flops = float(s_tir.analysis.estimate_tir_flops(task.dispatched[0]))
         statuses.append(TaskStatus(task.task_name, int(task.weight), flops,
                                    trials=int(saved.get("trials", 0)),
@@ -559,7 +660,7 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
         _save_state(path, state)
 
     builder = InProcessBuilder()
-    cores = max(1, int(target.attrs.get("num-cores", os.cpu_count() or 1)))
+    cores = max(1, int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1))
     runner = runner or _default_runner()
     try:
         import xgboost  # noqa: F401
@@ -567,6 +668,7 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
     except ImportError:  # without xgboost the search samples at random (slower to converge)
         cost_model = ms.cost_model.CostModel.create("random")
     clock = bar.start = time.monotonic()   # the time budget is for measuring, not the setup
+    measured = [0]   # candidates of this call that built and ran
     stop = threading.Event()
     try:
         with _stop_on_ctrl_c(stop, progress):
@@ -583,13 +685,19 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
                     deadline = time.monotonic() + left * s.cost / remaining_cost
                 want = s.budget - s.trials
                 todo_trials = sum(statuses[j].budget - statuses[j].trials for j in todo[position:])
+                ran_out = [False]   # the task's time share ended it: a later tune continues it
 
-                def on_batch(n: int, times: list[float], i=i, s=s, deadline=deadline,
+                def on_batch(n: int, times: list[float], errors: list[str], i=i, s=s,
+                             ran_out=ran_out, deadline=deadline,
                              todo_trials=todo_trials) -> bool:
                     s.trials += n
                     summary.trials += n
+                    summary.failed += len(errors)
+                    if errors and summary.first_error is None:
+                        summary.first_error = f"{s.name}: {errors[0]}"
                     bar.trials_run += n
                     good = [t for t in times if t < _FAILED]
+                    measured[0] += len(good)
                     if good:
                         best = min(good) * 1e3
                         s.best_ms = best if s.best_ms is None else min(s.best_ms, best)
@@ -598,13 +706,16 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
                         summary.history.append((time.monotonic() - clock,
                                                 estimated_ms(statuses)))
                     bar.update(i, s, todo_trials - (summary.trials))
-                    return stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                    ran_out[0] = deadline is not None and time.monotonic() >= deadline
+                    return stop.is_set() or ran_out[0]
 
                 bar.update(i, s, todo_trials - summary.trials)
                 if s.trials == 0:
-                    default = _seed_with_default(tasks[i], target, builder, runner, defaults)
-                    if on_batch(1, [float("inf") if default is None else default]) or want <= 1:
-                        s.done = not stop.is_set()
+                    default, error = _seed_with_default(tasks[i], target, builder, runner,
+                                                        defaults)
+                    if on_batch(1, [float("inf") if default is None else default],
+                                [] if error is None else [error]) or want <= 1:
+                        s.done = not stop.is_set() and not ran_out[0]
                         save(i)
                         summary.tuned += 1
                         continue
@@ -622,8 +733,8 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
                     builder=builder, runner=runner, database=database, cost_model=cost_model,
                     measure_callbacks=callbacks, task_scheduler="round-robin")
                 # a search that runs out of new candidates ends early: that task is done too;
-                # one stopped by Ctrl-C is not (the next tune continues it)
-                s.done = not stop.is_set()
+                # one stopped by Ctrl-C or by its time share is not (the next tune continues it)
+                s.done = not stop.is_set() and not ran_out[0]
                 save(i)
                 summary.tuned += 1
     except KeyboardInterrupt:
@@ -643,7 +754,25 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
         summary.estimated_ms = estimated_ms(statuses)
     summary.interrupted = stop.is_set()
     summary.unfinished = sum(not s.done for s in statuses)
+    if summary.failed and not measured[0]:
+        # MetaSchedule records a failed candidate as a 1e10 s run and goes on: a search where
+        # every candidate failed would otherwise "finish" with nothing learned
+        raise SlimcError(
+            f"Tuning measured {summary.trials} candidates and every one failed to build or "
+            f"run, so nothing was learned (first failure: {_first_lines(summary.first_error)}).",
+            "Fix what the message names (compiler, driver, runner), then tune again with the "
+            "same --db: tasks that never measured a candidate start over.")
     return summary
+
+
+def _first_lines(text: str | None, limit: int = 600) -> str:
+    """A failure message on one line; of a traceback, its first line and the last three (where
+    the exception is)."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    if len(lines) > 5:
+        lines = lines[:1] + ["…"] + lines[-3:]
+    text = " | ".join(lines)
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def tune_graph(graph, target="x86", *, db, trials: int | None = None,
@@ -665,12 +794,17 @@ def apply_database(mod: tvm.IRModule, target, db) -> tvm.IRModule:
     :func:`.schedules.apply_default_schedules` where the database has none. Constant weights are
     packed at build time, as tuning measured them."""
     target = target if isinstance(target, Target) else Target(target)
-    if target.kind.name != "llvm":
+    if target.kind.name not in ("llvm", "cuda"):
         return apply_default_schedules(mod, target)
     if not Path(db).is_dir():
         raise SlimcError(f"Tuning database {db} does not exist.",
                          "Tune first (slimc tune … --db DIR), or check the path.")
     database = ms.database.UnionDatabase(open_database(db), open_database(db, defaults=True))
+    if _is_gpu(target):
+        # kernels without a record are left unscheduled: the CUDA pipeline gives them DLight's
+        with _with_gpu_limits(target), database:
+            return freeze_scheduled(relax.transform.MetaScheduleApplyDatabase()(
+                prepare(mod, target)))
     prepared = prepare(mod, target)
     with target, database:
         tuned = freeze_scheduled(relax.transform.MetaScheduleApplyDatabase()(prepared))
