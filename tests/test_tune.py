@@ -4,6 +4,7 @@ tune}.py): numerics against numpy/torch, which rule scheduled what, and the tuni
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -484,3 +485,14 @@ def test_cuda_is_tuned_only_where_candidates_can_be_measured(tmp_path):
     else:   # on a GPU machine: a real tuning run, and its build matches the untuned one
         summary = tune(mod, cuda, trials=8, db=tmp_path / "db", progress=False)
         assert summary.records > 0 and summary.failed < summary.trials
+
+
+def test_candidates_are_measured_on_every_core(tmp_path, monkeypatch):
+    # the runner's worker inherits TVM_NUM_THREADS: without it TVM uses half the CPUs (it assumes
+    # SMT), and on a VM without SMT every candidate would be timed on half the machine
+    from slimc.runtime import physical_cores
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    mod, _, _ = _small_model()
+    tune(mod, TARGET, trials=2, db=tmp_path / "db", progress=False)
+    assert os.environ["TVM_NUM_THREADS"] == str(physical_cores())

@@ -612,6 +612,10 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
                 "Without tuning, `slimc compile --target cuda` uses DLight's default schedules.")
     else:
         target = _with_core_count(target)
+        # the runner's worker inherits the thread count: measure candidates on every core, as
+        # the deployed model runs (TVM's own default is half the CPUs; see use_physical_cores)
+        from ..runtime import use_physical_cores
+        use_physical_cores()
     start = time.monotonic()
     path = Path(db)
     database = open_database(path)
