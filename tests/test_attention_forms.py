@@ -471,3 +471,25 @@ def test_gqa_merged_qkv_projection(source):
     check_oracle(g, {0: [4, 5, 6, 7], 1: [0, 2, 4, 6]}, xs)  # a whole group; one per group
     check_oracle(g, {1: [0, 1, 2, 3, 4, 5, 6]}, xs)  # all but one head
     check_identity(g, xs)
+
+
+# -- FLOPs of fused attention ops (prune_heads' report) -------------------------------------------
+_LINEAR = 2 * ag.B * ag.S * ag.E * ag.E          # one E × E projection
+_CORE = 2 * 2 * ag.B * ag.S * ag.S * ag.E        # q·kᵀ and softmax·v over all query heads
+
+
+@pytest.mark.parametrize("name, build, expected", [
+    ("com.microsoft::Attention (QKV inside)", lambda: ag.ms_attention(), 4 * _LINEAR + _CORE),
+    ("MultiHeadAttention", lambda: ag.ms_mha(), 4 * _LINEAR + _CORE),
+    ("GroupQueryAttention 4/2", lambda: ag.ms_gqa(heads=4, kv_heads=2),
+     2 * _LINEAR + 2 * _LINEAR // 2 + _CORE),
+    ("GroupQueryAttention packed q|k|v", lambda: ag.ms_gqa(heads=4, kv_heads=2, packed=True),
+     2 * _LINEAR + 2 * _LINEAR // 2 + _CORE),
+    ("Attention opset 23, 3-D", lambda: ag.onnx_attention(rank=3), 4 * _LINEAR + _CORE),
+    ("Attention opset 23, 4-D", lambda: ag.onnx_attention(rank=4), 4 * _LINEAR + _CORE),
+])
+def test_flops_count_the_work_inside_fused_attention_ops(name, build, expected, tmp_path):
+    from slimc.passes.prune_heads.report import count_flops
+    path = tmp_path / "m.onnx"
+    onnx.save(ag.check(build()), path)
+    assert count_flops(slimc.load(path)) == expected, name

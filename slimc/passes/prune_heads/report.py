@@ -44,12 +44,44 @@ def count_flops(graph) -> int:
             out, a = view.shape(n.outputs[0]), view.shape(n.inputs[0])
             if _numel(out) is not None and a and isinstance(a[-1], int):
                 total += 2 * _numel(out) * a[-1]
+        elif n.op == "attention_op":
+            total += _fused_attention_flops(n, view)
         elif n.op == "sdpa" and len(n.inputs) >= 3:
             q, k = view.shape(n.inputs[0]), view.shape(n.inputs[1])
             v = view.shape(n.inputs[2])
             if _numel(q) is not None and k and v and isinstance(k[-2], int):
                 total += 2 * _numel(q) * k[-2] + 2 * _numel(q[:-1]) * k[-2] * v[-1]
     return int(total)
+
+
+def _fused_attention_flops(n, view) -> int:
+    """2·M·N·K FLOPs of a fused ONNX attention operator: the merged QKV projection inside
+    com.microsoft::Attention, and the core's two products q·kᵀ and (softmax)·v for every query
+    head (key/value heads shared by grouped queries are read, not multiplied, again)."""
+    a = n.attrs
+    out, q = view.shape(n.outputs[0]), view.shape(n.inputs[0])
+    heads = int(a.get("num_heads") or 0)
+    kv = int(a.get("kv_num_heads") or heads)
+    rank = a.get("rank")
+    if _numel(out) is None or not q or not heads or rank not in (3, 4):
+        return 0
+    flops = 0
+    packed = a.get("packed")
+    if packed:   # x [B, S, E] @ W [E, q+k+v]: self-attention, keys as long as the queries
+        flops += 2 * _numel(q[:-1]) * packed["in_features"] * sum(packed["sizes"])
+        keys, d = q[1], packed["sizes"][0] // heads
+    elif a.get("packed_qkv"):   # query = [q | k | v] of one projection
+        keys, d = q[1], q[-1] // (heads + 2 * kv)
+    else:
+        k = view.shape(n.inputs[1]) if len(n.inputs) > 1 else None
+        if not k or len(k) != rank:
+            return flops
+        keys, d = (k[1], k[-1] // kv) if rank == 3 else (k[2], k[-1])
+    d_v = out[-1] // heads if rank == 3 else out[-1]
+    if not isinstance(keys, int) or not d or not d_v:
+        return flops
+    query_rows = _numel(out) // d_v   # batch × query positions × heads
+    return flops + 2 * query_rows * keys * (d + d_v)
 
 
 def _fmt(n) -> str:
