@@ -101,3 +101,12 @@ def test_row_reductions_are_vectorized_and_exact(kind, shape, vectorized):
     x = np.random.default_rng(0).standard_normal(shape).astype("float32") * 3
     got = _run(mod, x)
     assert np.abs(got - _want(kind, x)).max() < 2e-6
+
+
+@pytest.mark.parametrize("mcpu, register", [("haswell", "ymm"), ("znver4", "zmm")])
+def test_row_reductions_build_vector_sums_for_the_targets_isa(mcpu, register):
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    lines = _asm(_module((4, 768), op=lambda x: _layer_norm(x, 768)), target).splitlines()
+    assert any("vaddps" in ln and f"%{register}" in ln for ln in lines), mcpu
+    if register == "ymm":
+        assert not any("%zmm" in ln for ln in lines), mcpu
