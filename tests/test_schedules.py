@@ -110,3 +110,21 @@ def test_row_reductions_build_vector_sums_for_the_targets_isa(mcpu, register):
     assert any("vaddps" in ln and f"%{register}" in ln for ln in lines), mcpu
     if register == "ymm":
         assert not any("%zmm" in ln for ln in lines), mcpu
+
+
+def _any_finite(x):
+    """SDPA's check for fully masked rows: max over k of (scores != -inf), as int8."""
+    finite = relax.op.logical_not(relax.op.equal(x, relax.const(-np.inf, "float32")))
+    return relax.op.max(relax.op.astype(finite, "int8"), axis=-1, keepdims=True)
+
+
+def test_fallback_runs_a_batched_reduction_in_parallel():
+    """A reduction with nothing after it (no rule but the fallback takes it) behind a unit batch
+    axis: the leading spatial loops are fused, so the rows are split over the threads."""
+    mod = _module((1, 12, 128, 128), op=_any_finite)
+    (text,) = _kernels(apply_default_schedules(mod, HOST), "fallback")
+    assert "T.parallel(T.int64(1536))" in text
+    x = np.random.default_rng(0).standard_normal((1, 12, 128, 128)).astype("float32")
+    x[0, 3, 7, :] = -np.inf
+    want = np.isfinite(x).any(axis=-1, keepdims=True).astype("int8")
+    np.testing.assert_array_equal(_run(mod, x), want)

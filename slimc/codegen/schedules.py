@@ -20,7 +20,7 @@ with rules tried in order on each function:
                Rows that are not a multiple of the vector keep DLight's scalar reductions.
 ``injective``  element-wise, broadcast, reshape and transpose chains: inlined into one loop nest,
                vectorized and run in parallel.
-``fallback``   anything else: producers inlined, outer loop in parallel.
+``fallback``   anything else: producers inlined, the leading spatial loops fused, in parallel.
 
 Each rule is a search-free schedule built from the target's vector width; a rule that cannot
 apply (or whose schedule primitive refuses) leaves the function to the next rule, and a function
@@ -469,7 +469,8 @@ def _schedule_dlight_reduction(func: tirx.PrimFunc, target: Target) -> s_tir.Sch
 
 
 def _schedule_fallback(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig) -> bool:
-    """Inline the element-wise blocks, run the outer spatial loop of what is left in parallel."""
+    """Inline the element-wise blocks, run the outer spatial loops of what is left in parallel
+    (fused: a leading unit batch loop would leave nothing to split)."""
     blocks = sch.get_child_blocks(get_root_block(sch))
     for blk in blocks:
         if not _is_reduction(sch, blk):
@@ -478,9 +479,15 @@ def _schedule_fallback(sch: s_tir.Schedule, func: tirx.PrimFunc, cfg: CPUConfig)
     for blk in sch.get_child_blocks(get_root_block(sch)):
         loops = sch.get_loops(blk)
         iters = sch.get(blk).iter_vars
-        if not loops or not iters or iters[0].iter_type != tirx.IterVar.DataPar:
+        if not loops or len(loops) != len(iters):
             continue
-        if (_extent(sch, loops[0]) or 0) > 1 and _try(sch.parallel, loops[0]):
+        lead = 0
+        while lead < len(iters) and iters[lead].iter_type == tirx.IterVar.DataPar:
+            lead += 1
+        if lead == 0:
+            continue
+        outer = loops[0] if lead == 1 else sch.fuse(*loops[:lead])
+        if (_extent(sch, outer) or 0) > 1 and _try(sch.parallel, outer):
             done = True
     return done
 
