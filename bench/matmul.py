@@ -125,7 +125,8 @@ def build_ort(name: str):
         last = "res"
     nodes[-1].output[0] = "y"
     g = helper.make_graph(nodes, name, graph_inputs,
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, want.shape)], inits)
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, want.shape)],
+                          inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
     onnx.checker.check_model(model)
     opts = ort.SessionOptions()
