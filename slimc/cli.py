@@ -450,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tune", help="auto-tune kernels with MetaSchedule into a records database")
     s.add_argument("model", help="model file (.onnx or .pt2)")
-    s.add_argument("--target", default="x86", help="x86 (this CPU) or a TVM CPU target")
+    s.add_argument("--target", default="x86",
+                   help="x86 (this CPU), arm, cuda (measured on this machine's GPU or over "
+                   "--rpc-tracker), or a TVM llvm/cuda target")
     s.add_argument("--db", required=True, metavar="DIR",
                    help="records database (created, or extended and resumed)")
     s.add_argument("--trials", type=int, help="trial budget for the whole model")
