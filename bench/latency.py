@@ -42,8 +42,9 @@ from _models import LastHidden, bert, inputs_for
 import slimc
 
 # pause before each timed call: onnxruntime's and OpenMP's worker threads spin-wait for a while
-# after a call, and on a 2-core machine they would steal the cores of the next variant
-_SETTLE = 0.05
+# after a call, and on a 2-core machine they would steal the cores of the next variant; TVM's
+# pool workers yield-spin for about 0.2 s (300000 sched_yield calls, TVM_THREAD_POOL_SPIN_COUNT)
+_SETTLE = 0.3
 
 
 def build_model(name: str, layers: int | None):

@@ -28,8 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # pause before each timed round: onnxruntime's and TVM's idle workers spin for a while after a
-# call, and on a 2-core machine they would take the cores of the other runtime's round
-_SETTLE = 0.1
+# call (TVM's for about 0.2 s), and on a 2-core machine they would take the cores of the other
+# runtime's round
+_SETTLE = 0.3
 
 # name: (batch dims, M, K, N, epilogue, B is a constant weight)
 SHAPES = {
