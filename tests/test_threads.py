@@ -37,6 +37,37 @@ def test_physical_cores_counts_the_cores_this_process_may_use():
     assert 1 <= n <= len(os.sched_getaffinity(0))
 
 
+def _fake_sys(root: Path, cores: list[int], cgroup: dict[str, str] | None = None) -> Path:
+    """A sysfs tree: logical CPU i on physical core cores[i] (one package); cgroup files."""
+    for cpu, core in enumerate(cores):
+        topology = root / f"sys/devices/system/cpu/cpu{cpu}/topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    for name, text in (cgroup or {}).items():
+        path = root / "sys/fs/cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("cores, cgroup, want", [
+    ([0, 1, 2, 3], None, 4),
+    ([0, 0, 1, 1], None, 2),                                     # 2-way SMT
+    ([0, 1, 2, 3], {"cpu.max": "200000 100000\n"}, 2),          # cgroup v2: 2 CPUs' quota
+    ([0, 1, 2, 3], {"cpu.max": "150000 100000\n"}, 2),          # 1.5 CPUs: round up
+    ([0, 1, 2, 3], {"cpu.max": "max 100000\n"}, 4),             # unlimited
+    ([0, 1, 2, 3], {"cpu/cpu.cfs_quota_us": "100000\n",         # cgroup v1
+                    "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+    ([0, 1, 2, 3], {"cpu/cpu.cfs_quota_us": "-1\n",
+                    "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+])
+def test_physical_cores_counts_smt_once_and_honours_cpu_quotas(tmp_path, monkeypatch, cores,
+                                                               cgroup, want):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(len(cores))))
+    assert physical_cores(_fake_sys(tmp_path, cores, cgroup)) == want
+
+
 def test_thread_pool_uses_every_physical_core():
     n = physical_cores()
     assert _probe() == [str(n), str(n), str(n)]

@@ -11,6 +11,7 @@ and ``metadata.json`` (inputs, outputs, target, versions, the passes applied)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -52,19 +53,40 @@ def _tvm():
     return tvm
 
 
-def physical_cores() -> int:
-    """The physical cores this process may run on (SMT siblings counted once)."""
+def physical_cores(root: Path = Path("/")) -> int:
+    """The physical cores this process may run on: its CPU affinity with SMT siblings counted
+    once, capped by a container's CPU quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``).
+    ``root``: where ``sys/`` is found (tests give a fake tree)."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") \
         else range(os.cpu_count() or 1)
     cores = set()
     for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        topology = root / f"sys/devices/system/cpu/cpu{cpu}/topology"
         try:
             cores.add(((topology / "physical_package_id").read_text().strip(),
                        (topology / "core_id").read_text().strip()))
         except OSError:   # no sysfs topology (not Linux, a sandbox): count logical CPUs
             cores.add(("cpu", cpu))
-    return max(1, len(cores))
+    count = len(cores)
+    quota = _cpu_quota(root / "sys/fs/cgroup")
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time per period a cgroup allows this process, or None when unlimited."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu/cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def use_physical_cores() -> int | None:
