@@ -22,6 +22,10 @@ with rules tried in order on each function:
                vectorized and run in parallel.
 ``fallback``   anything else: producers inlined, the leading spatial loops fused, in parallel.
 
+Parallel loops run on TVM's thread pool, which ``slimc.compile`` and ``slimc.runtime.load`` size
+to the physical cores (:func:`slimc.runtime.use_physical_cores`; TVM alone would use half the
+logical CPUs on x86, one thread on a 2-core VM without SMT).
+
 Each rule is a search-free schedule built from the target's vector width; a rule that cannot
 apply (or whose schedule primitive refuses) leaves the function to the next rule, and a function
 no rule takes is left as TVM legalized it (correct, only slow). Every scheduled function records
@@ -72,7 +76,11 @@ class CPUConfig:
 
 def cpu_config(target: Target) -> CPUConfig:
     """Register-tile sizes for ``target``: ``mr × nr`` accumulators fill about half the vector
-    registers, leaving room for the B loads and the A broadcasts."""
+    registers, leaving room for the B loads and the A broadcasts.
+
+    AVX-512 (measured on Zen 4 with bench/matmul.py, 2 cores): 8 × 32 runs the BERT-base GEMMs
+    at 195-225 GFLOP/s, 85-97 % of the FMA peak; 4 × 64, 16 × 16 and 8 × 64 (and ``kc`` of 256 or
+    all of K: the tile's whole reduction runs before the next tile) measured within noise."""
     def has(feature: str) -> bool:
         try:
             return bool(llvm_cpu_has_features(feature, target))
