@@ -214,6 +214,9 @@ def latency(encoder, tok, args):
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.runs):
         for k, fn in variants.items():
+            # TVM's pool workers spin ~0.2 s after a call (onnxruntime's threads a while too):
+            # on 2 cores they would slow whichever variant runs next
+            time.sleep(0.3)
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)

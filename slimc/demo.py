@@ -46,6 +46,8 @@ def _progress(label: str):
 
 
 def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    # TVM's pool workers spin ~0.2 s after a call: let them stop before timing the next runtime
+    time.sleep(0.3)
     for _ in range(warmup):
         fn()
     times = []
