@@ -528,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="end-to-end demo on a real pretrained model")
     s.add_argument("--seq", type=int, default=128, help="sequence length")
-    s.add_argument("--repeat", type=int, default=10, help="timing repetitions")
+    s.add_argument("--repeat", type=int, default=20,
+                   help="timing rounds (original and slimc alternate in each)")
     s.add_argument("--prune", type=float, default=0.2, help="fraction of heads to remove")
     s.add_argument("--score", default="magnitude", choices=["magnitude", "taylor", "attention"])
     s.add_argument("--recover-steps", type=int, default=0,

