@@ -115,6 +115,9 @@ def time_rounds(variants: dict, rounds: int, warmup: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            # TVM's and onnxruntime's pool workers spin ~0.2 s after a call: on 2 cores they
+            # would slow whichever variant runs next
+            time.sleep(0.3)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
