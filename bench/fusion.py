@@ -132,6 +132,7 @@ def fusion_bench(args) -> int:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.runs):
         for name, fn in runs.items():
+            time.sleep(0.3)   # TVM's pool workers spin ~0.2 s after a call
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
