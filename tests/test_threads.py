@@ -93,3 +93,11 @@ def test_compile_and_load_size_the_pool_before_the_first_run(monkeypatch, tmp_pa
     monkeypatch.delenv("TVM_NUM_THREADS")
     slimc.runtime.load(tmp_path / "art")
     assert os.environ.get("TVM_NUM_THREADS") == n
+
+
+def test_the_target_plans_for_the_threads_that_run_the_kernels():
+    # MetaSchedule and the schedules size parallel loops by the target's num-cores: the same
+    # count slimc gives TVM's thread pool
+    from slimc.codegen.targets import host_cpu, resolve_target
+    assert int(resolve_target("x86").attrs["num-cores"]) == physical_cores()
+    assert host_cpu()["cores"] == physical_cores()

@@ -13,7 +13,6 @@ understands (a tag, a JSON dict); what TVM rejects is a :class:`~slimc.errors.Ta
 from __future__ import annotations
 
 import json
-import os
 
 import tvm
 from tvm.target import codegen as _llvm
@@ -55,11 +54,11 @@ def _host_is_x86() -> bool:
 
 
 def _available_cores() -> int:
-    # the cores this process may run on (a container or taskset limit), not the machine's total
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    # the cores this process's kernels run on: the thread count slimc gives TVM's pool (its
+    # affinity, SMT siblings once, a container's CPU quota), so that MetaSchedule plans the
+    # parallel loops for the threads that will run them
+    from ..runtime import physical_cores
+    return physical_cores()
 
 
 def _check_options(name: str, options: dict) -> None:
