@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     dev = tvm.cuda(0)
     print(f"GPU: {dev.device_name} ({local_cuda_arch()}), tvm {tvm.__version__}, "
           f"torch {torch.__version__}")
-    from latency import build_model, inputs_for
+    from _models import inputs_for
+    from latency import build_model
     module, desc = build_model(args.model, args.layers)
     inputs = inputs_for(1, args.seq)
     print(f"model: {desc}; batch 1, sequence {args.seq}, fp32")

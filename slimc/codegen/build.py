@@ -283,9 +283,13 @@ def schedule_hook(tune, db=None) -> ScheduleHook | None:
                       "(mod, target) -> mod.")
 
 
-def _describe(hook) -> str | None:
+def _describe(hook, device: str) -> str | None:
+    """What scheduled the build, for metadata.json."""
     if hook is None:
         return None
+    from .schedules import apply_default_schedules
+    if device == "cuda" and hook is apply_default_schedules:
+        return "DLight (TVM's default CUDA pipeline)"   # the hook leaves CUDA modules alone
     return getattr(hook, "__qualname__", None) or repr(hook)
 
 
@@ -338,9 +342,7 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
         "source": graph.backend,
         "passes": list(graph.history),
         "relax_pipeline": "default",
-        "schedules": ("DLight (TVM's default CUDA pipeline)" if device == "cuda"
-                      and hook is not None and hook.__name__ == "apply_default_schedules"
-                      else _describe(hook)),
+        "schedules": _describe(hook, device),
         "weights": "bound",
     }
     if device_code is not None:

@@ -71,6 +71,7 @@ from tvm.target import Target
 
 from ..errors import OptionError, SlimcError
 from .schedules import (
+    _REFUSED,
     apply_default_schedules,
     default_schedule,
     freeze_scheduled,
@@ -457,7 +458,7 @@ def _tune_context(task, target: Target, seed: int | None, integer: bool,
             "post-order-apply", sch_rules=kind, postprocs=kind, mutator_probs=kind),
         SearchStrategy.create("evolutionary", **_EVOLUTION) if evolve
         else SearchStrategy.create("replay-trace"),
-        task.task_name, max(1, int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1)),
+        task.task_name, _search_threads(target),
         -1 if seed is None else seed, get_logging_func(get_logger("slimc.tune")))
     _ffi_api.TuneContextInitialize(ctx)
     return ctx
@@ -497,6 +498,12 @@ def _is_gpu(target: Target) -> bool:
     return target.kind.name == "cuda"
 
 
+def _search_threads(target: Target) -> int:
+    """Threads for MetaSchedule's search and cost model: the target's core count (a CPU target
+    measured here), else this machine's CPUs (a GPU target)."""
+    return max(1, int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1))
+
+
 def _has_cuda_gpu() -> bool:
     return bool(tvm.cuda(0).exist)
 
@@ -533,7 +540,7 @@ def dlight_schedule(func: tirx.PrimFunc | tvm.IRModule, target: Target
         for rule in rules:
             try:
                 sch = rule.apply(func, target, False)
-            except (RuntimeError, ValueError, TypeError, AssertionError, IndexError):
+            except _REFUSED:
                 continue
             if isinstance(sch, list):
                 sch = sch[0] if sch else None
@@ -664,7 +671,7 @@ def tune(mod: tvm.IRModule, target, *, db, trials: int | None = None,
         _save_state(path, state)
 
     builder = InProcessBuilder()
-    cores = max(1, int(target.attrs.get("num-cores", 0) or os.cpu_count() or 1))
+    cores = _search_threads(target)
     runner = runner or _default_runner()
     try:
         import xgboost  # noqa: F401
