@@ -35,6 +35,12 @@ class ShapeError(SlimcError):
     """Inputs whose number, shapes or dtypes do not match the model."""
 
 
+class IndexRangeError(SlimcError, IndexError):
+    """An index input (token ids, positions) holding a value outside the table it indexes.
+
+    Also an :class:`IndexError`, which torch raises for the same input."""
+
+
 class TargetError(SlimcError):
     """An unknown or unusable compilation target."""
 

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import OptionError, ShapeError, SlimcError, UnsupportedError
 from ..ir import Graph, TensorSpec
 from ..runtime import use_physical_cores
+from .bounds import guard_computed_indices, index_ranges
 from .cuda import keep_source as keep_cuda_source
 from .cuda import precompile as precompile_cuda
 from .export import Artifact
@@ -314,6 +315,10 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
     _refuse_nan_weights(graph)
     start = time.perf_counter()
     mod, inputs, outputs = to_relax(graph, input_shapes)
+    # index inputs are range-checked by the runtime before each call; gathers of computed
+    # indices read clipped (codegen/bounds.py)
+    ranges, unchecked = index_ranges(mod, [s["name"] for s in inputs])
+    mod = guard_computed_indices(mod, unchecked)
     if hook is not None:
         mod = hook(mod, tgt)
     try:
@@ -339,12 +344,15 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
         "build_host": host_cpu(),
         "inputs": inputs,
         "outputs": outputs,
+        "index_ranges": ranges,
         "source": graph.backend,
         "passes": list(graph.history),
         "relax_pipeline": "default",
         "schedules": _describe(hook, device),
         "weights": "bound",
     }
+    if unchecked:
+        metadata["clipped_indices"] = unchecked
     if device_code is not None:
         metadata["cuda"] = device_code.summary()
     art = Artifact(executable, metadata, device_code=device_code)

@@ -6,21 +6,31 @@ and ``metadata.json`` (inputs, outputs, target, versions, the passes applied)::
     m = slimc.runtime.load("build/")
     outputs = m(input_ids)              # list of numpy arrays, in m.output_names order
     m.benchmark(repeat=50, warmup=5)    # {"median_ms": ..., "mean_ms": ..., "p90_ms": ...}
+
+Serving guarantees: a loaded module may be called from any number of threads at once (each call
+borrows one of the module's Relax VMs, see :class:`VMPool`), and index inputs (token ids,
+positions) are checked against the range the model defines before the call
+(:func:`check_index_ranges`): bad values raise :class:`~slimc.errors.IndexRangeError` instead of
+reading outside a table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import queue
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, OptionError, ShapeError
+from ..errors import ArtifactError, IndexRangeError, OptionError, ShapeError
 from ..ir.graph import TensorSpec, check_inputs, random_inputs
 
 FORMAT_VERSION = 1
@@ -159,6 +169,12 @@ def read_metadata(path) -> dict:
     if not isinstance(target, dict) or target.get("device") not in ("cpu", "cuda") \
             or not isinstance(target.get("triple"), str):
         raise _corrupt(path, "'target' lacks its device or triple")
+    ranges = meta.get("index_ranges", {})
+    names = {s["name"] for s in meta["inputs"]}
+    if not isinstance(ranges, dict) or not all(
+            k in names and isinstance(v, list) and len(v) == 2
+            and all(isinstance(b, int) for b in v) for k, v in ranges.items()):
+        raise _corrupt(path, "'index_ranges' is not a map of input names to [low, high]")
     return meta
 
 
@@ -207,10 +223,7 @@ def _device(path: Path, meta: dict, tvm):
     return tvm.cpu(0)
 
 
-def load(path) -> Module:
-    """Load the artifact directory ``path`` (written by ``Artifact.save``) for running."""
-    path = Path(path)
-    meta = read_metadata(path)
+def _library(path: Path, meta: dict) -> Path:
     lib_path = path / LIBRARY_FILE
     if not lib_path.is_file():
         raise ArtifactError(f"{path} has no {LIBRARY_FILE}: the artifact is incomplete.",
@@ -220,6 +233,34 @@ def load(path) -> Module:
         raise ArtifactError(f"{lib_path} is {size:,} bytes; the metadata says "
                             f"{meta['library_bytes']:,}: the copy is truncated or was replaced.",
                             "Copy the artifact directory again, or compile the model again.")
+    if "index_ranges" not in meta:
+        warnings.warn(f"slimc: {path} was compiled by slimc {meta['slimc_version']}, which did "
+                      "not record the valid range of index inputs: an out-of-range token id "
+                      "is not caught and can crash this process. Compile the model again.",
+                      UserWarning, stacklevel=3)
+    return lib_path
+
+
+def _check_concurrency(concurrency) -> int:
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise OptionError(f"concurrency={concurrency!r} is not valid.",
+                          "Pass an integer >= 1: how many calls may run at the same time.")
+    return concurrency
+
+
+def load(path, *, concurrency: int = 1) -> Module:
+    """Load the artifact directory ``path`` (written by ``Artifact.save``) for running.
+
+    ``concurrency``: how many calls may run at the same time (each on its own VM; see
+    :class:`VMPool`). Any number of threads may call the module; calls beyond this wait for a
+    free VM. The default, 1, runs each call on every core in turn, which gave the most
+    throughput on 2 cores (``bench/serving.py``); on larger machines several VMs, each with
+    ``TVM_NUM_THREADS`` set to its share of the cores, can serve more.
+    """
+    path = Path(path)
+    concurrency = _check_concurrency(concurrency)
+    meta = read_metadata(path)
+    lib_path = _library(path, meta)
     use_physical_cores()
     tvm = _tvm()
     _check_tvm_version(path, meta, tvm)
@@ -227,12 +268,40 @@ def load(path) -> Module:
     device = _device(path, meta, tvm)
     try:
         lib = tvm.runtime.load_module(str(lib_path))
-        vm = tvm.runtime.vm.VirtualMachine(lib, device)
+        pool = VMPool(lib, device, concurrency)
     except Exception as e:
         raise ArtifactError(f"TVM cannot load {lib_path}: {str(e).strip()[:300]}",
                             "The library is damaged or was built for another system; compile "
                             "the model again.") from e
-    return Module(vm, meta, device)
+    return Module(pool, meta, device)
+
+
+def load_remote(path, session) -> Module:
+    """Load the artifact directory ``path`` onto a TVM RPC server and run it there.
+
+    ``session``: a ``tvm.rpc`` session (``tvm.rpc.connect(host, port)``, or
+    ``tvm.rpc.connect_tracker(host, port).request(key)``). The library is uploaded, inputs are
+    checked here (shapes, dtypes, index ranges) before anything is sent, and calls from several
+    threads take turns on the session, which is one connection.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    lib_path = _library(path, meta)
+    tvm = _tvm()
+    _check_tvm_version(path, meta, tvm)
+    device = session.cuda(0) if meta["target"]["device"] == "cuda" else session.cpu(0)
+    name = f"slimc-{os.getpid()}-{threading.get_ident()}-{LIBRARY_FILE}"
+    try:
+        session.upload(str(lib_path), name)
+        lib = session.load_module(name)
+        pool = VMPool(lib, device, 1)
+    except Exception as e:
+        raise ArtifactError(f"The RPC server cannot load {lib_path}: "
+                            f"{str(e).strip().splitlines()[-1][:300]}",
+                            "Check that the server's CPU matches the artifact's target "
+                            f"({meta['target']['triple']}) and that it runs TVM "
+                            f"{meta['tvm_version']}.") from e
+    return Module(pool, meta, device)
 
 
 def _flatten(value) -> list:
@@ -241,14 +310,79 @@ def _flatten(value) -> list:
     return [a for v in value for a in _flatten(v)]
 
 
-class Module:
-    """A loaded artifact: call it with numpy arrays, get a list of numpy arrays back."""
+class VMPool:
+    """Relax VMs over one loaded library, lent to one call at a time.
 
-    def __init__(self, vm, metadata: dict, device):
+    A TVM Relax VM keeps per-call state (its registers, the frame of the running function), so
+    two calls overlapping on one VM corrupt each other (a crash, or "Mismatched type on
+    argument" errors). The VMs of a pool share the library and its bound weights, so each
+    costs little memory; they are made on first need, up to ``size``, and a call waits while
+    all are busy. ``borrow()`` lends one as ``(vm, main)``.
+    """
+
+    def __init__(self, lib, device, size: int = 1):
+        self._lib, self._device, self.size = lib, device, size
+        self._free: queue.LifoQueue = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._free.put(self._make())      # the first VM now: a bad library fails at load
+        self._made = 1
+
+    def _make(self):
+        vm = _tvm().runtime.vm.VirtualMachine(self._lib, self._device)
+        return vm, vm["main"]
+
+    @contextlib.contextmanager
+    def borrow(self):
+        try:
+            entry = self._free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                grow = self._made < self.size
+                self._made += grow
+            entry = self._make() if grow else self._free.get()
+        try:
+            yield entry
+        finally:
+            self._free.put(entry)
+
+
+def check_index_ranges(ranges: dict, specs, arrays) -> None:
+    """Raise :class:`IndexRangeError` unless every index input's values lie in its range.
+
+    ``ranges``: ``{input name: [low, high]}`` (``metadata["index_ranges"]``, found by the
+    compiler: the rows of the table each input indexes, negative values included where the
+    model wraps them as ONNX ``Gather`` does).
+    """
+    for spec, x in zip(specs, arrays):
+        bounds = ranges.get(spec.name)
+        if bounds is None or x.size == 0:
+            continue
+        lo, hi = bounds
+        low, high = x.min(), x.max()
+        if low >= lo and high <= hi:
+            continue
+        bad = np.flatnonzero((x < lo) | (x > hi))
+        first = np.unravel_index(int(bad[0]), x.shape)
+        value = x[first].item()
+        raise IndexRangeError(
+            f"Input {spec.name!r} holds {value} at position {tuple(int(i) for i in first)} "
+            f"({bad.size} value(s) out of range); the model takes values from {lo} to {hi} "
+            f"(it indexes a table of {hi + 1} rows).",
+            "Check the tokenizer and vocabulary the inputs were made with: they must match "
+            "the model's.")
+
+
+class Module:
+    """A loaded artifact: call it with numpy arrays, get a list of numpy arrays back.
+
+    Thread-safe: calls from several threads each borrow a VM from the module's :class:`VMPool`.
+    """
+
+    def __init__(self, pool: VMPool, metadata: dict, device):
         self.metadata = metadata
         self.device = device
-        self._vm = vm
-        self._main = vm["main"]
+        self._pool = pool
+        self._ranges = metadata.get("index_ranges", {})
         self._tensor = _tvm().runtime.tensor
         self.input_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
                             for s in metadata["inputs"]]
@@ -287,15 +421,23 @@ class Module:
                             f"Dimension {d!r} is {seen[0]} in input {seen[1]!r} but {n} in "
                             f"input {spec.name!r}.", f"Inputs sharing {d!r} need the same size "
                             "there.")
+        check_index_ranges(self._ranges, self.input_specs, arrays)
         return arrays
+
+    @property
+    def index_ranges(self) -> dict[str, tuple[int, int]]:
+        """``{input name: (low, high)}``: the values each index input may hold."""
+        return {k: tuple(v) for k, v in self._ranges.items()}
 
     def _to_device(self, arrays):
         return [self._tensor(np.ascontiguousarray(x), self.device) for x in arrays]
 
     def __call__(self, *inputs) -> list[np.ndarray]:
-        """Run the model; outputs in :attr:`output_names` order."""
+        """Run the model; outputs in :attr:`output_names` order. Safe to call from several
+        threads at once."""
         args = self._to_device(self._check(inputs))
-        return _flatten(self._main(*args))
+        with self._pool.borrow() as (_, main):
+            return _flatten(main(*args))
 
     def benchmark(self, *inputs, repeat: int = 50, warmup: int = 5, dims: dict | None = None,
                   seed: int = 0) -> dict:
@@ -310,15 +452,16 @@ class Module:
                               "Use an integer repeat >= 1 and warmup >= 0.")
         arrays = self._check(inputs or random_inputs(self.input_specs, seed, dims))
         args = self._to_device(arrays)
-        for _ in range(warmup):
-            self._main(*args)
-        self.device.sync()
         times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            self._main(*args)
+        with self._pool.borrow() as (_, main):
+            for _ in range(warmup):
+                main(*args)
             self.device.sync()
-            times.append((time.perf_counter() - start) * 1e3)
+            for _ in range(repeat):
+                start = time.perf_counter()
+                main(*args)
+                self.device.sync()
+                times.append((time.perf_counter() - start) * 1e3)
         t = np.asarray(times)
         return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()),
                 "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
@@ -327,4 +470,5 @@ class Module:
                 "input_shapes": {s.name: list(x.shape) for s, x in zip(self.input_specs, arrays)}}
 
 
-__all__ = ["FORMAT_VERSION", "LIBRARY_FILE", "METADATA_FILE", "Module", "load", "read_metadata"]
+__all__ = ["FORMAT_VERSION", "LIBRARY_FILE", "METADATA_FILE", "Module", "VMPool",
+           "check_index_ranges", "load", "load_remote", "read_metadata"]
