@@ -41,6 +41,11 @@ class IndexRangeError(SlimcError, IndexError):
     Also an :class:`IndexError`, which torch raises for the same input."""
 
 
+class RunError(SlimcError):
+    """TVM's runtime failed while running a compiled model (e.g. it could not allocate the
+    memory an input's shape needs)."""
+
+
 class TargetError(SlimcError):
     """An unknown or unusable compilation target."""
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, IndexRangeError, OptionError, ShapeError
+from ..errors import ArtifactError, IndexRangeError, OptionError, RunError, ShapeError
 from ..ir.graph import TensorSpec, check_inputs, random_inputs
 
 FORMAT_VERSION = 1
@@ -372,6 +372,22 @@ def check_index_ranges(ranges: dict, specs, arrays) -> None:
             "the model's.")
 
 
+@contextlib.contextmanager
+def _run_errors(arrays):
+    """TVM's failures while running (an allocation the shapes need that fails, a lost RPC
+    connection) as :class:`RunError` naming the input shapes."""
+    try:
+        yield
+    except Exception as e:   # noqa: BLE001 - TVM raises plain RuntimeError/TVMError/MemoryError
+        text = str(e).strip()
+        last = text.splitlines()[-1] if text else type(e).__name__
+        shapes = ", ".join(str(tuple(x.shape)) for x in arrays)
+        raise RunError(f"TVM's runtime failed running the model on inputs of shape {shapes}: "
+                       f"{type(e).__name__}: {last[:300]}",
+                       "If the inputs are very large, run smaller batches or sequences; "
+                       "otherwise report it with the artifact and inputs.") from e
+
+
 class Module:
     """A loaded artifact: call it with numpy arrays, get a list of numpy arrays back.
 
@@ -435,9 +451,11 @@ class Module:
     def __call__(self, *inputs) -> list[np.ndarray]:
         """Run the model; outputs in :attr:`output_names` order. Safe to call from several
         threads at once."""
-        args = self._to_device(self._check(inputs))
-        with self._pool.borrow() as (_, main):
-            return _flatten(main(*args))
+        arrays = self._check(inputs)
+        with _run_errors(arrays):
+            args = self._to_device(arrays)
+            with self._pool.borrow() as (_, main):
+                return _flatten(main(*args))
 
     def benchmark(self, *inputs, repeat: int = 50, warmup: int = 5, dims: dict | None = None,
                   seed: int = 0) -> dict:
