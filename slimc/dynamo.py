@@ -36,12 +36,17 @@ Decisions, each with a warning rather than a wrong answer:
   ``atol + rtol * |reference|`` falls back to eager with a warning naming the deviation.
 - **Inference only**: outputs carry no autograd history (one warning when gradients are on and
   an input requires them).
+- **Threads**: a compiled module may be called from several threads at once (each call borrows
+  its own TVM VM; a new shape met by several threads compiles once), and index inputs out of
+  the model's range raise :class:`slimc.errors.IndexRangeError` (an ``IndexError``, as eager
+  torch raises) instead of reading outside the table.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -313,6 +318,8 @@ class _Build:
 @dataclass
 class _State:
     builds: dict = field(default_factory=dict)  # signature -> _Build
+    # one compile per new shape when several threads meet it at once
+    lock: threading.Lock = field(default_factory=threading.Lock)
     eager_reason: str | None = None  # set: the whole subgraph runs in eager torch
     overflow: bool = False  # max_shapes reached: new shapes run eagerly, compiled ones on TVM
     warned_grad: bool = False
@@ -405,6 +412,17 @@ class _CompiledSubgraph:
         key = _signature(a for a, k in zip(args, self.kinds) if k != "weight")
         build = self.state.builds.get(key)
         if build is None:
+            with self.state.lock:
+                build = self._build_once(key, args)
+            if build is None:
+                return self.gm(*args)
+        return build.run(args)
+
+    def _build_once(self, key, args) -> _Build | None:
+        """The build for ``key`` (another thread may have made it meanwhile), or None to run
+        eagerly."""
+        build = self.state.builds.get(key)
+        if build is None and self.state.eager_reason is None:
             if len(self.state.builds) >= self.settings.max_shapes:
                 if not self.state.overflow:
                     self.state.overflow = True
@@ -412,11 +430,9 @@ class _CompiledSubgraph:
                           f"{self.settings.max_shapes} input shapes (each is compiled "
                           "separately): new shapes run in eager torch, the compiled ones on "
                           "TVM.")
-                return self.gm(*args)
+                return None
             build = self._build(args)
-            if build is None:
-                return self.gm(*args)
-        return build.run(args)
+        return build
 
     def _grad_warning(self, args) -> None:
         import torch
@@ -490,13 +506,24 @@ class _CompiledSubgraph:
 
 
 def _vm_runner(art) -> Callable:
+    """Runs the build: thread-safe (a VM per concurrent call, as slimc.runtime does) and with
+    index inputs range-checked first (TVM's gathers do not check; torch raises IndexError)."""
     import tvm
-    from tvm import relax
-    device = tvm.cpu(0)
-    main = relax.VirtualMachine(art.executable, device)["main"]
+
+    from .runtime import VMPool, check_index_ranges
+    from .ir import TensorSpec
+    pool = VMPool(art.executable, tvm.cpu(0))
+    specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in art.metadata["inputs"]]
+    ranges = art.metadata.get("index_ranges", {})
+    checked = [i for i, s in enumerate(specs) if s.name in ranges]
 
     def run(tensors: list):
-        return main(*[_to_tvm(t, tvm) for t in tensors])
+        if checked:
+            check_index_ranges(ranges, [specs[i] for i in checked],
+                               [tensors[i].detach().cpu().numpy() for i in checked])
+        args = [_to_tvm(t, tvm) for t in tensors]
+        with pool.borrow() as (_, main):
+            return main(*args)
 
     return run
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,48 @@ def test_wrong_inputs(built):
         m(ids.astype(np.int32))
 
 
+def _hammer(m, inputs, threads: int, calls: int) -> list:
+    """``calls`` calls from each of ``threads`` threads started together; their outputs."""
+    barrier = threading.Barrier(threads)
+    results: list = []
+
+    def work():
+        barrier.wait()
+        for _ in range(calls):
+            try:
+                results.append(m(*inputs))
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                results.append(e)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_many_threads_share_one_module(built, concurrency):
+    # one Relax VM shared by overlapping calls crashed the process or raised "Mismatched type
+    # on argument" before calls borrowed VMs from a pool
+    path, inputs, _ = built
+    m = runtime.load(path, concurrency=concurrency)
+    want = m(*inputs)
+    results = _hammer(m, inputs, threads=8, calls=10)
+    assert len(results) == 80
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    assert all(np.array_equal(o, w) for r in results for o, w in zip(r, want))
+    assert m._pool._made <= concurrency
+
+
+def test_concurrency_must_be_a_positive_integer(built):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(OptionError, match="concurrency"):
+            runtime.load(built[0], concurrency=bad)
+
+
 def test_missing_or_not_an_artifact(built, tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         runtime.load(tmp_path / "nowhere")
@@ -127,6 +170,9 @@ def test_corrupt_metadata(copy_of, text, match):
     ({"format_version": runtime.FORMAT_VERSION + 1}, "Upgrade slimc"),
     ({"format_version": 0}, "Compile the model again with this slimc"),
     ({"tvm_version": "0.1.0"}, "built with TVM 0.1.0"),
+    ({"index_ranges": {"nope": [0, 1]}}, "'index_ranges' is not a map"),
+    ({"index_ranges": {"args_0": [0]}}, "'index_ranges' is not a map"),
+    ({"index_ranges": [0, 99]}, "'index_ranges' is not a map"),
 ])
 def test_metadata_mismatch(copy_of, changes, match):
     _edit_metadata(copy_of, **changes)

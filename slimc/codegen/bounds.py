@@ -10,7 +10,8 @@ torch raise instead.
 operators (casts, reshapes, broadcasts, slices) to the function parameter it comes from and
 records the range of values the model defines for it: ``[0, n-1]`` for a table of ``n`` rows,
 ``[-n, n-1]`` where the graph wraps negative indices first (ONNX ``Gather``: the frontend emits
-``where(x < 0, x + n, x)``). An input feeding several gathers takes the intersection. The
+``where(x < 0, x + n, x)``), shifted by a constant added on the way (``ids + 2``). An input
+feeding several gathers takes the intersection. The
 runtime checks the inputs against these ranges before every call (``slimc.runtime``): a numpy
 min/max over the ids costs microseconds (``bench/serving.py``), and a check inside the library
 would need ``relax.assert_op``, which lives in TVM's compiler library, not in the runtime a
@@ -107,23 +108,40 @@ def _reads_values(expr, values: dict, params: set, memo: dict) -> bool:
     return memo[expr]
 
 
+def _shift(call, values: dict):
+    """``x + c`` / ``c + x`` / ``x - c`` with a constant scalar c → (x, offset), else None."""
+    op = _op(call)
+    if op not in ("relax.add", "relax.subtract"):
+        return None
+    a, b = call.args
+    for x, c, sign in ((a, b, 1), (b, a, 1)) if op == "relax.add" else ((a, b, -1),):
+        value = _scalar(c, values)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return x, sign * value
+    return None
+
+
 def _source(expr, values: dict, params: set, memo: dict):
-    """Where the index values in ``expr`` come from: ``("const", None)`` (constants and
-    shapes), ``(parameter, negatives wrapped)`` when every value is one of that parameter's,
-    or None when they are computed from input values."""
+    """Where the index values in ``expr`` come from: ``("const", ...)`` (constants and
+    shapes), ``(parameter, negatives wrapped, offset)`` when every index is one of that
+    parameter's values plus ``offset``, or None when they are computed otherwise."""
     if not _reads_values(expr, values, params, memo):
-        return "const", None
-    wrapped = False
+        return "const", False, 0
+    wrapped, offset = False, 0
     for _ in range(64):
         if expr in params:
-            return expr, wrapped
+            return expr, wrapped, offset
         inner = _unwrap_negative(expr, values)
-        if inner is not None:
+        if inner is not None and offset == 0:
             expr, wrapped = inner, True
             continue
         call = values.get(expr)
         if _op(call) in _KEEP_VALUES:
             expr = call.args[0]
+            continue
+        shifted = _shift(call, values)
+        if shifted is not None:
+            expr, offset = shifted[0], offset + shifted[1]
             continue
         return None
     return None
@@ -160,8 +178,8 @@ def index_ranges(mod: tvm.IRModule, names: list[str]) -> tuple[dict, list[str]]:
         if found is None or extent is None:
             unchecked.append(f"{op.split('.')[1]} -> {var.name}")
             continue
-        param, wrapped = found
-        lo, hi = (-extent if wrapped else 0), extent - 1
+        param, wrapped, offset = found
+        lo, hi = (-extent if wrapped else 0) - offset, extent - 1 - offset
         name = by_param[param]
         old = ranges.get(name)
         ranges[name] = [lo, hi] if old is None else [max(old[0], lo), min(old[1], hi)]
@@ -177,8 +195,9 @@ class _ClipTakes(relax.PyExprMutator):
     def visit_var_binding_(self, binding):
         if binding.var.name in self.targets and _op(binding.value) == "relax.take":
             call = binding.value
-            new = relax.op.take(self.visit_expr(call.args[0]), self.visit_expr(call.args[1]),
-                                axis=call.attrs.axis, mode="clip")
+            new = self.builder_.normalize(relax.op.take(
+                self.visit_expr(call.args[0]), self.visit_expr(call.args[1]),
+                axis=call.attrs.axis, mode="clip"))
             self.builder_.emit_normalized(relax.VarBinding(binding.var, new))
             return
         super().visit_var_binding_(binding)
