@@ -212,3 +212,41 @@ def test_entry_point_registers_the_name_without_importing_slimc():
                          timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["slimc.dynamo", "True"]
+
+
+def test_threads_share_a_compiled_module_and_bad_ids_raise_index_error():
+    import threading
+    model, inputs, _ = ZOO["bert"]()
+    b = slimc.dynamo.backend()
+    compiled = torch.compile(model, backend=b)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", SlimcFallbackWarning)
+        want = compiled(*inputs)
+        assert _max_dev(want, model(*inputs)) <= TOL
+        results, errors = [], []
+        barrier = threading.Barrier(8)
+
+        def work():
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(10):
+                    try:
+                        results.append(compiled(*inputs).clone())
+                    except Exception as e:  # noqa: BLE001 - asserted below
+                        errors.append(e)
+
+        pool = [threading.Thread(target=work) for _ in range(8)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        assert not errors, errors[:3]
+        assert len(results) == 80 and all(torch.equal(r, want) for r in results)
+        assert all(s.eager_reason is None for s in b.subgraphs)
+        # an id past the vocabulary: eager torch raises IndexError, and so does the build
+        bad = inputs[0].clone()
+        bad[0, 2] = 10_000
+        with pytest.raises(IndexError):
+            model(bad)
+        with pytest.raises(IndexError, match="holds 10000 at position"):
+            compiled(bad)
