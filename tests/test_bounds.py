@@ -98,6 +98,7 @@ def bert_builds(tmp_path_factory):
     onnx_graph = _graph("bert", "dynamo")
     onnx_graph.save(folder / "bert.onnx")
     return {"fx": (runtime.load(slimc.compile(fx).save(folder / "fx")), fx),
+            "fx_dir": folder / "fx",
             "onnx": (runtime.load(slimc.compile(onnx_graph).save(folder / "onnx")),
                      ort.InferenceSession(str(folder / "bert.onnx"),
                                           providers=["CPUExecutionProvider"]))}
@@ -148,3 +149,18 @@ def test_an_artifact_from_before_the_check_loads_with_a_warning(bert_builds, tmp
         old = runtime.load(src)
     assert old.index_ranges == {}
     np.testing.assert_allclose(old(_ids(1, 2))[0], g.run(_ids(1, 2))[0], atol=ATOL)
+
+
+
+def test_cli_run_refuses_an_out_of_range_id_with_exit_2(bert_builds, tmp_path):
+    import subprocess
+    import sys
+    m, _ = bert_builds["fx"]
+    inputs = tmp_path / "bad.npz"
+    np.savez(inputs, **{m.input_names[0]: _ids(4, 40_000)})
+    r = subprocess.run([sys.executable, "-m", "slimc.cli", "run", str(bert_builds["fx_dir"]),
+                        "--inputs", str(inputs)], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "slimc: error: Input" in r.stderr and "holds 40000 at position (0, 1)" in r.stderr
+    assert "Traceback" not in r.stderr
