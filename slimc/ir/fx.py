@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from ..errors import UnsupportedError
 from .view import View, VNode
 
 aten = torch.ops.aten
@@ -133,7 +134,9 @@ def build_view(gm: torch.fx.GraphModule) -> View:
             op = "other"
         if op == "elementwise":
             tensor_args = [a for a in tensor_args if a not in attrs]
-        nodes.append(VNode(n.name, op, tensor_args, [n.name]))
+        # fn: the aten op's name (``gelu``, ``mul``, ...), for rules that care which op it is
+        nodes.append(VNode(n.name, op, tensor_args, [n.name],
+                           {"fn": getattr(t, "_opname", str(t))}))
     return View(nodes, shapes)
 
 
@@ -181,3 +184,39 @@ def serialized_size(gm: torch.fx.GraphModule) -> int:
     buf = io.BytesIO()
     torch.save({k: v for k, v in gm.state_dict().items()}, buf)
     return buf.tell() + len(gm.code.encode())
+
+
+# -- surgery helpers shared by passes that change shapes ---------------------------------------
+
+def static_shape(shape, where: str) -> tuple:
+    """``shape`` as ints; :class:`~slimc.errors.UnsupportedError` naming ``where`` if symbolic."""
+    try:
+        return tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise UnsupportedError(f"This pass needs static shapes, but {where} has the symbolic "
+                               f"shape {tuple(shape)}.",
+                               "Capture the model without dynamic_shapes.") from None
+
+
+def example_args(gm: torch.fx.GraphModule, example_inputs) -> list:
+    if example_inputs is not None:
+        return [torch.as_tensor(np.ascontiguousarray(x)) for x in example_inputs]
+    args = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise UnsupportedError(f"Input {n.name!r} of the GraphModule has no recorded "
+                                       "shape.", "Pass a slimc.Graph from slimc.capture(), or a "
+                                       "GraphModule from torch.export(...).module().")
+            args.append(torch.zeros(static_shape(val.shape, n.name), dtype=val.dtype))
+    return args
+
+
+def refresh_meta(gm: torch.fx.GraphModule, example_inputs=None) -> None:
+    """Recompute ``node.meta["val"]`` (fake tensors) after a shape-changing edit."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    gm.recompile()
+    args = example_args(gm, example_inputs)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)

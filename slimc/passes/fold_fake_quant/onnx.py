@@ -17,8 +17,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...ir.onnx import _attr, constants, get_weight
+from ...ir.surgery import Namer, drop_unused, toposort
 from ..quantize import _math as qmath
-from ..quantize.onnx import Namer, drop_unused, elem_types, toposort
+from ..quantize.onnx import elem_types
 from . import _math
 
 QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",

@@ -364,30 +364,6 @@ def _rewrite(gm: torch.fx.GraphModule, prop, shapes: dict) -> None:
             n.args = tuple(args)
 
 
-def _example_args(gm: torch.fx.GraphModule, example_inputs) -> list:
-    if example_inputs is not None:
-        return [torch.as_tensor(np.ascontiguousarray(x)) for x in example_inputs]
-    args = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            val = n.meta.get("val")
-            if not isinstance(val, torch.Tensor):
-                raise UnsupportedError(f"Input {n.name!r} of the GraphModule has no recorded "
-                                       "shape.", "Pass a slimc.Graph from slimc.capture(), or a "
-                                       "GraphModule from torch.export(...).module().")
-            args.append(torch.zeros(_ints(val.shape, n.name), dtype=val.dtype))
-    return args
-
-
-def refresh_meta(gm: torch.fx.GraphModule, example_inputs=None) -> None:
-    """Recompute ``node.meta["val"]`` (fake tensors) after a shape-changing edit."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-    gm.recompile()
-    args = _example_args(gm, example_inputs)
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
-
-
 def prune(gm: torch.fx.GraphModule, plans: list, example_inputs=None) -> None:
     """Apply ``plans`` (one :class:`~._math.BlockPlan` per changed block) to ``gm`` in place."""
     live = [p for p in plans if not p.empty]
@@ -416,7 +392,7 @@ def prune(gm: torch.fx.GraphModule, plans: list, example_inputs=None) -> None:
         ir_fx.set_weight(gm, e.name, _math.apply_edit(ir_fx.get_weight(gm, e.name), e))
     _rewrite(gm, prop, shapes)
     try:
-        refresh_meta(gm, example_inputs)
+        ir_fx.refresh_meta(gm, example_inputs)
     except Exception as e:
         raise PassError(f"The graph is inconsistent after head pruning: "
                         f"{str(e).strip().splitlines()[0][:300]}",

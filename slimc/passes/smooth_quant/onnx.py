@@ -95,7 +95,7 @@ def unshare(model: onnx.ModelProto):
 
     from onnx import numpy_helper
 
-    from ..quantize.onnx import Namer
+    from ...ir.surgery import Namer
     by_name = dict(zip(node_names(model), model.graph.node))
 
     def run(p: Producer, names: list[str]) -> Producer | None:
@@ -126,7 +126,7 @@ def insert_scale(model: onnx.ModelProto, value: str, readers: list[str],
     """y = Mul(value, inv_s) (a new initializer), read by ``readers`` instead of ``value``."""
     from onnx import helper, numpy_helper
 
-    from ..quantize.onnx import Namer, toposort
+    from ...ir.surgery import Namer, toposort
     fresh = Namer(model)
     by_name = dict(zip(node_names(model), model.graph.node))
     scale, out = fresh(f"{value}_smooth_scale"), fresh(f"{value}_smoothed")
