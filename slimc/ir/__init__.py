@@ -2,6 +2,6 @@
 
 from .capture import capture, load
 from .graph import Graph, TensorSpec
-from .structures import AttentionBlock, Linear
+from .structures import AttentionBlock, FFNBlock, Linear
 
-__all__ = ["AttentionBlock", "Graph", "Linear", "TensorSpec", "capture", "load"]
+__all__ = ["AttentionBlock", "FFNBlock", "Graph", "Linear", "TensorSpec", "capture", "load"]

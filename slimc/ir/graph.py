@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import ShapeError, UnsupportedError
 from . import attention as _attention
-from .structures import AttentionBlock
+from . import ffn as _ffn
+from .structures import AttentionBlock, FFNBlock
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,11 @@ class Graph:
     def attention_blocks(self) -> list[AttentionBlock]:
         """Every multi-head attention, in execution order (``layer`` = position)."""
         return _attention.find_attention(self.view())
+
+    def ffn_blocks(self) -> list[FFNBlock]:
+        """Every feed-forward block (up → activation → down, or gated), in execution order
+        (``layer`` = position); see :mod:`slimc.ir.ffn`."""
+        return _ffn.find_ffn(self.view())
 
     # -- conversion -----------------------------------------------------------------------
     def save(self, path) -> None:

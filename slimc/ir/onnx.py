@@ -169,7 +169,9 @@ def build_view(model: onnx.ModelProto) -> View:
             op = "concat"
         else:
             op = "other"
-        nodes.append(VNode(name, op, [d for d in data if d], list(n.output)))
+        # fn: the op type, with its domain when not the default one (``com.microsoft::BiasGelu``)
+        fn = (f"{n.domain}::" if n.domain not in ("", "ai.onnx") else "") + op_type
+        nodes.append(VNode(name, op, [d for d in data if d], list(n.output), {"fn": fn}))
     return View(nodes, shapes)
 
 

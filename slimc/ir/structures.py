@@ -59,3 +59,32 @@ class AttentionBlock:
     @property
     def gqa(self) -> bool:
         return self.num_kv_heads != self.num_heads
+
+
+@dataclass(frozen=True)
+class FFNBlock:
+    """One feed-forward block: ``down(act(up(x)))`` (``form="mlp"``) or the gated form
+    ``down(act(gate(x)) * up(x))`` (``form="gated"``: SwiGLU / GeGLU).
+
+    Intermediate neuron ``j`` owns output row ``j`` of ``up`` (and ``gate``) with its bias, and
+    input column ``j`` of ``down``. ``activation`` names the nonlinearity as far as discovery
+    can tell (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"``, ..., or the op's own name).
+    ``nodes["inner"]`` lists the nodes between the projections (activation, bias adds, casts,
+    last-axis-keeping reshapes): every one of them carries the intermediate axis last.
+    """
+
+    name: str
+    layer: int
+    hidden: int
+    intermediate: int
+    form: str  # "mlp" | "gated"
+    up: Linear
+    down: Linear
+    gate: Linear | None = None
+    activation: str = ""
+    nodes: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def inputs(self) -> tuple[Linear, ...]:
+        """The projections whose rows are the intermediate neurons (gate first, then up)."""
+        return (self.gate, self.up) if self.gate is not None else (self.up,)

@@ -9,7 +9,9 @@ Canonical ops: ``linear`` (inputs x; attrs weight, bias, layout, in_features, ou
 attention operator: com.microsoft Attention / MultiHeadAttention / GroupQueryAttention,
 opset-23 Attention; attrs from :func:`slimc.ir.attention.fused_attention`), shape ops that keep
 data (``reshape``, ``transpose``, ``expand``, ``identity``), ``split`` / ``slice`` / ``select``
-(attrs index), ``concat``, ``elementwise`` and ``other``.
+(attrs index), ``concat``, ``elementwise`` and ``other``. Every node that is not a ``linear``
+or an ``attention_op`` also carries ``attrs["fn"]``: the backend's own name of the op (an aten
+op name such as ``gelu``, or an ONNX op type such as ``Erf`` / ``com.microsoft::BiasGelu``).
 """
 
 from __future__ import annotations
