@@ -134,6 +134,11 @@ EXPECT: dict[str, Expect] = {
         looked_for=lambda o: ("attention blocks: softmax(q·kᵀ)·v, scaled_dot_product_attention "
                               "or an Attention / MultiHeadAttention / GroupQueryAttention op, "
                               "fed by Q/K/V projections")),
+    "prune_ffn": Expect(
+        asks=lambda o: True,
+        looked_for=lambda o: ("feed-forward blocks: a projection reading, through an activation "
+                              "and per-element ops, one projection (Linear → act → Linear) or "
+                              "two (gated: act(gate(x)) * up(x))")),
     "threshold_weights": Expect(
         asks=_threshold_asks,
         looked_for=lambda o: ("float weights used only as the weight of Linear / MatMul / Gemm "
