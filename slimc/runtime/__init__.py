@@ -301,7 +301,7 @@ def load_remote(path, session) -> Module:
                             "Check that the server's CPU matches the artifact's target "
                             f"({meta['target']['triple']}) and that it runs TVM "
                             f"{meta['tvm_version']}.") from e
-    return Module(pool, meta, device)
+    return Module(pool, meta, device, remote=True)
 
 
 def _flatten(value) -> list:
@@ -394,10 +394,13 @@ class Module:
     Thread-safe: calls from several threads each borrow a VM from the module's :class:`VMPool`.
     """
 
-    def __init__(self, pool: VMPool, metadata: dict, device):
+    def __init__(self, pool: VMPool, metadata: dict, device, *, remote: bool = False):
         self.metadata = metadata
         self.device = device
         self._pool = pool
+        # over RPC a function's tuple result is an opaque remote object: outputs are fetched
+        # with the VM's stateful interface instead (set_input / invoke_stateful / get_outputs)
+        self._remote = remote
         self._ranges = metadata.get("index_ranges", {})
         self._tensor = _tvm().runtime.tensor
         self.input_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
@@ -454,7 +457,11 @@ class Module:
         arrays = self._check(inputs)
         with _run_errors(arrays):
             args = self._to_device(arrays)
-            with self._pool.borrow() as (_, main):
+            with self._pool.borrow() as (vm, main):
+                if self._remote:
+                    vm.set_input("main", *args)
+                    vm.invoke_stateful("main")
+                    return _flatten(vm.get_outputs("main"))
                 return _flatten(main(*args))
 
     def benchmark(self, *inputs, repeat: int = 50, warmup: int = 5, dims: dict | None = None,
