@@ -64,7 +64,13 @@ def _region(view: View, down: VNode):
             continue
         seen.add(v)
         node = view.producer.get(v)
-        if node is None or _last(view, v) != width or len(node.outputs) != 1:
+        if node is None or len(node.outputs) != 1:
+            return None
+        last = _last(view, v)
+        # a per-element op keeps its input's width and a projection's is out_features; shape
+        # inference may not know an op (com.microsoft::Gelu, SkipLayerNormalization upstream),
+        # so an unknown width passes there (a reshape needs its shapes)
+        if last != width and not (last is None and node.op != "reshape"):
             return None
         values.add(v)
         if node.op == "linear":

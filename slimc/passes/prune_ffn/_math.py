@@ -168,8 +168,13 @@ def select(blocks: list[FFNBlock], scores: dict, ratio: float, *, global_: bool,
                 for j in range(b.intermediate)]
         flat.sort()
         counts = {b.layer: 0 for b in blocks}
-        for _, layer, _j in flat[:want]:
-            counts[layer] += 1
+        cap = {b.layer: b.intermediate - 1 for b in blocks}
+        for _, layer, _j in flat:  # past a full layer the threshold moves on to the others
+            if want == 0:
+                break
+            if counts[layer] < cap[layer]:
+                counts[layer] += 1
+                want -= 1
     else:
         counts = {b.layer: int(ratio * b.intermediate) for b in blocks}
     for b in blocks:
