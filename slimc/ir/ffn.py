@@ -69,8 +69,8 @@ def _region(view: View, down: VNode):
         last = _last(view, v)
         # a per-element op keeps its input's width and a projection's is out_features; shape
         # inference may not know an op (com.microsoft::Gelu, SkipLayerNormalization upstream),
-        # so an unknown width passes there (a reshape needs its shapes)
-        if last != width and not (last is None and node.op != "reshape"):
+        # so an unknown width passes (a reshape's target is then checked when it is rewritten)
+        if last is not None and last != width:
             return None
         values.add(v)
         if node.op == "linear":
@@ -116,7 +116,7 @@ def _linear(node: VNode) -> Linear:
 
 
 def _name(names: list[str], layer: int) -> str:
-    parts = [n.split(".") for n in names if n and "::" not in n]
+    parts = [n.split(".") for n in names if n and "::" not in n and "." in n]
     if len(parts) >= 2:
         common = []
         for seg in zip(*parts):

@@ -79,7 +79,12 @@ def _reshape_target(model, editor: _Editor, node, width: int, new: int) -> None:
             shape = shape.copy()
             shape[-1] = new
             editor.replace(node, 1, shape)
-        return
+            return
+        if shape.size and int(shape[-1]) == -1 and (shape > 0).sum() == shape.size - 1:
+            return  # the other dimensions are fixed: the last follows the new width
+        raise UnsupportedError(f"Cannot prune FFN neurons through Reshape {node.name!r}: its "
+                               f"target {shape.tolist()} does not keep the intermediate axis "
+                               f"({width}) last.", "Report the model architecture.")
     producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
     if producer is not None and producer.op_type == "Concat":
         last = editor.value(producer, len(producer.input) - 1)
