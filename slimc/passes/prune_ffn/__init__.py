@@ -52,8 +52,8 @@ def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = No
     as ``graph.ffn_blocks()`` lists them); or ``ratio`` (in [0, 1)) removes that fraction of
     the neurons with the lowest ``score``: the same fraction of every layer
     (``scope="per_layer"``), or the lowest across all layers against one threshold
-    (``scope="global"``). ``round_to=r`` rounds each layer's kept count up to a multiple of ``r`` (never
-    past the layer's width). Every layer keeps at least one neuron. ``score="magnitude"``:
+    (``scope="global"``). ``round_to=r`` rounds each layer's kept count up to a multiple of
+    ``r`` (never past the layer's width). Every layer keeps at least one neuron. ``score="magnitude"``:
     ‖in-row j‖ · ‖out-column j‖ (the in-row with its bias; gated blocks multiply the gate's and
     up's row norms).
 
