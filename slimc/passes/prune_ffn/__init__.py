@@ -53,8 +53,8 @@ def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = No
     the neurons with the lowest ``score``: the same fraction of every layer
     (``scope="per_layer"``), or the lowest across all layers against one threshold
     (``scope="global"``). ``round_to=r`` rounds each layer's kept count up to a multiple of
-    ``r`` (never past the layer's width). Every layer keeps at least one neuron. ``score="magnitude"``:
-    ‖in-row j‖ · ‖out-column j‖ (the in-row with its bias; gated blocks multiply the gate's and
+    ``r`` (never past the layer's width). Every layer keeps at least one neuron.
+    ``score="magnitude"``: ‖in-row j‖ · ‖out-column j‖ (the in-row with its bias; gated blocks multiply the gate's and
     up's row norms).
 
     Math: an FFN computes ``down(act(up(x)))`` (or ``down(act(gate(x)) * up(x))``); the
