@@ -241,3 +241,9 @@ def test_runs_without_torch_or_onnx(built, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     assert result["err"] < ATOL
+
+
+def test_a_ragged_list_is_a_shape_error(built):
+    m = runtime.load(built[0])
+    with pytest.raises(ShapeError, match="not an array.*rectangular"):
+        m([[1, 2], [3]])

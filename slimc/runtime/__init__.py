@@ -425,7 +425,15 @@ class Module:
         return f"<slimc.runtime.Module ({ins}) on {self.device}>"
 
     def _check(self, inputs) -> list[np.ndarray]:
-        arrays = [np.asarray(x) for x in inputs]
+        arrays = []
+        for i, x in enumerate(inputs):
+            try:
+                arrays.append(np.asarray(x))
+            except (ValueError, TypeError) as e:   # ragged nested lists, unconvertible objects
+                name = self.input_specs[i].name if i < len(self.input_specs) else f"#{i}"
+                raise ShapeError(f"Input {name!r} is not an array: {e}",
+                                 "Pass a numpy array (nested lists must be rectangular).") \
+                    from None
         check_inputs(self.input_specs, arrays)
         sizes: dict[str, tuple[int, str]] = {}
         for spec, x in zip(self.input_specs, arrays):
