@@ -2,6 +2,7 @@
 
 from .capture import capture, load
 from .graph import Graph, TensorSpec
-from .structures import AttentionBlock, FFNBlock, Linear
+from .structures import AttentionBlock, FFNBlock, Linear, TransformerLayer
 
-__all__ = ["AttentionBlock", "FFNBlock", "Graph", "Linear", "TensorSpec", "capture", "load"]
+__all__ = ["AttentionBlock", "FFNBlock", "Graph", "Linear", "TensorSpec", "TransformerLayer",
+           "capture", "load"]

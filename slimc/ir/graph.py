@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import ShapeError, UnsupportedError
 from . import attention as _attention
 from . import ffn as _ffn
-from .structures import AttentionBlock, FFNBlock
+from . import layers as _layers
+from .structures import AttentionBlock, FFNBlock, TransformerLayer
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,13 @@ class Graph:
         """Every feed-forward block (up → activation → down, or gated), in execution order
         (``layer`` = position); see :mod:`slimc.ir.ffn`."""
         return _ffn.find_ffn(self.view())
+
+    def transformer_layers(self) -> list[TransformerLayer]:
+        """Every whole Transformer layer (an attention block and its FFN block with their
+        residual adds and norms), in execution order (``layer`` = position); see
+        :mod:`slimc.ir.layers`."""
+        view = self.view()
+        return _layers.find_layers(view, _attention.find_attention(view), _ffn.find_ffn(view))
 
     # -- conversion -----------------------------------------------------------------------
     def save(self, path) -> None:

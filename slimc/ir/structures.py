@@ -88,3 +88,28 @@ class FFNBlock:
     def inputs(self) -> tuple[Linear, ...]:
         """The projections whose rows are the intermediate neurons (gate first, then up)."""
         return (self.gate, self.up) if self.gate is not None else (self.up,)
+
+
+@dataclass(frozen=True)
+class TransformerLayer:
+    """One whole Transformer layer: an attention block and the feed-forward block after it,
+    each with its residual add, as a span of the residual stream.
+
+    ``input`` is the residual-stream value entering the layer (the value the attention's
+    residual add reads) and ``output`` the value leaving it: the FFN's residual add
+    (``norm="pre"``: x → LN → attn → add → LN → FFN → add, GPT-2 / LLaMA / ViT) or the norm
+    after it (``norm="post"``: x → attn → add → LN → FFN → add → LN, BERT / DistilBERT /
+    ``nn.TransformerEncoderLayer``). Values are named as the backend names them (FX node names,
+    ONNX value names). ``nodes`` holds the residual adds (``"attention_add"``, ``"ffn_add"``),
+    the output values of the attention's and the FFN's last projections (``"values"``) and,
+    post-norm, the nodes of the norm that ends the layer (``"output_norm"``).
+    """
+
+    name: str
+    layer: int
+    input: str
+    output: str
+    norm: str  # "pre" | "post"
+    attention: AttentionBlock
+    ffn: FFNBlock
+    nodes: dict = field(default_factory=dict, compare=False)
