@@ -13,6 +13,7 @@ from .factorize_low_rank import factorize_low_rank as factorize_low_rank  # noqa
 from .factorize_low_rank import low_rank as low_rank  # noqa: E402
 from .prune_heads import prune_heads as prune_heads  # noqa: E402
 from .prune_ffn import prune_ffn as prune_ffn  # noqa: E402
+from .drop_layers import drop_layers as drop_layers  # noqa: E402
 from .fuse import fuse as fuse  # noqa: E402
 from .quantize import quantize as quantize  # noqa: E402
 from .smooth_quant import smooth_quant as smooth_quant  # noqa: E402

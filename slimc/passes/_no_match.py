@@ -139,6 +139,11 @@ EXPECT: dict[str, Expect] = {
         looked_for=lambda o: ("feed-forward blocks: a projection reading, through an activation "
                               "and per-element ops, one projection (Linear → act → Linear) or "
                               "two (gated: act(gate(x)) * up(x))")),
+    "drop_layers": Expect(
+        asks=lambda o: True,
+        looked_for=lambda o: ("whole Transformer layers: an attention block whose residual add "
+                              "(x + attn(...)) feeds, directly or through a norm, the residual "
+                              "add of a feed-forward block")),
     "threshold_weights": Expect(
         asks=_threshold_asks,
         looked_for=lambda o: ("float weights used only as the weight of Linear / MatMul / Gemm "
