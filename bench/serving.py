@@ -6,9 +6,11 @@ The model (all-MiniLM-L6-v2 by default, batch 1, sequence 128) is captured, comp
 CPU and loaded once. Then, in alternating rounds (a 0.3 s pause before each), ``--threads``
 threads make ``--calls`` calls each on ONE loaded model, under each way of sharing it:
 
-- ``slimc load()``: the default, a pool of one Relax VM (calls take turns, each on every core);
-- ``slimc load(concurrency=2)``: two VMs, two calls at a time;
-- ``one VM per thread``: each calling thread makes its own VM (the alternative not taken);
+- ``slimc load()``: the default, one Relax VM run by one worker thread (calls take turns, each
+  on every core);
+- ``slimc load(concurrency=2)``: two VMs and workers, two calls at a time;
+- ``one VM per thread``: each calling thread makes its own VM and runs it itself (the
+  alternative not taken: TVM then keeps a thread pool per calling thread);
 - ``onnxruntime``: one InferenceSession shared by the threads (its ``run`` is thread-safe).
 
 Every output is compared with the single-threaded one (slimc: bit-equal; onnxruntime: its own
@@ -73,15 +75,15 @@ def _hammer(call, threads: int, calls: int, want: list) -> dict:
 
 
 def _per_thread_vms(m: runtime.Module):
-    """A call that runs on a VM of the calling thread's own (made on its first call)."""
+    """A call that runs on a VM of the calling thread's own, in that thread (made on its first
+    call): the alternative to the pool's worker threads."""
     local = threading.local()
 
     def call(ids, mask):
-        if not hasattr(local, "pool"):
-            local.pool = runtime.VMPool(m._pool._lib, m.device)
+        if not hasattr(local, "main"):
+            local.main = m._pool._make()[1]
         args = m._to_device(m._check((ids, mask)))
-        with local.pool.borrow() as (_, main):
-            return runtime._flatten(main(*args))
+        return runtime._flatten(local.main(*args))
     return call
 
 

@@ -36,8 +36,8 @@ Decisions, each with a warning rather than a wrong answer:
   ``atol + rtol * |reference|`` falls back to eager with a warning naming the deviation.
 - **Inference only**: outputs carry no autograd history (one warning when gradients are on and
   an input requires them).
-- **Threads**: a compiled module may be called from several threads at once (each call borrows
-  its own TVM VM; a new shape met by several threads compiles once), and index inputs out of
+- **Threads**: a compiled module may be called from several threads at once (each call runs on
+  a TVM VM of its own, on the VM's worker thread; a new shape met by several threads compiles once), and index inputs out of
   the model's range raise :class:`slimc.errors.IndexRangeError` (an ``IndexError``, as eager
   torch raises) instead of reading outside the table.
 """
@@ -522,8 +522,7 @@ def _vm_runner(art) -> Callable:
             check_index_ranges(ranges, [specs[i] for i in checked],
                                [tensors[i].detach().cpu().numpy() for i in checked])
         args = [_to_tvm(t, tvm) for t in tensors]
-        with pool.borrow() as (_, main):
-            return main(*args)
+        return pool.run(lambda vm, main: main(*args))
 
     return run
 

@@ -123,7 +123,7 @@ def _hammer(m, inputs, threads: int, calls: int) -> list:
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_many_threads_share_one_module(built, concurrency):
     # one Relax VM shared by overlapping calls crashed the process or raised "Mismatched type
-    # on argument" before calls borrowed VMs from a pool
+    # on argument" before calls ran on a pool of VMs
     path, inputs, _ = built
     m = runtime.load(path, concurrency=concurrency)
     want = m(*inputs)
@@ -132,7 +132,7 @@ def test_many_threads_share_one_module(built, concurrency):
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, errors[:3]
     assert all(np.array_equal(o, w) for r in results for o, w in zip(r, want))
-    assert m._pool._made <= concurrency
+    assert m._pool.workers <= concurrency
 
 
 def test_concurrency_must_be_a_positive_integer(built):

@@ -8,7 +8,7 @@ and ``metadata.json`` (inputs, outputs, target, versions, the passes applied)::
     m.benchmark(repeat=50, warmup=5)    # {"median_ms": ..., "mean_ms": ..., "p90_ms": ...}
 
 Serving guarantees: a loaded module may be called from any number of threads at once (each call
-borrows one of the module's Relax VMs, see :class:`VMPool`), and index inputs (token ids,
+runs on one of the module's Relax VMs, each VM on a worker thread of its own, see :class:`VMPool`), and index inputs (token ids,
 positions) are checked against the range the model defines before the call
 (:func:`check_index_ranges`): bad values raise :class:`~slimc.errors.IndexRangeError` instead of
 reading outside a table.
@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import queue
 import sys
 import threading
 import time
@@ -251,9 +250,9 @@ def _check_concurrency(concurrency) -> int:
 def load(path, *, concurrency: int = 1) -> Module:
     """Load the artifact directory ``path`` (written by ``Artifact.save``) for running.
 
-    ``concurrency``: how many calls may run at the same time (each on its own VM; see
-    :class:`VMPool`). Any number of threads may call the module; calls beyond this wait for a
-    free VM. The default, 1, runs each call on every core in turn, which gave the most
+    ``concurrency``: how many calls may run at the same time (each on its own VM and worker
+    thread; see :class:`VMPool`). Any number of threads may call the module; calls beyond this
+    wait for a free VM. The default, 1, runs each call on every core in turn, which gave the most
     throughput on 2 cores (``bench/serving.py``); on larger machines several VMs, each with
     ``TVM_NUM_THREADS`` set to its share of the cores, can serve more.
     """
@@ -311,39 +310,58 @@ def _flatten(value) -> list:
 
 
 class VMPool:
-    """Relax VMs over one loaded library, lent to one call at a time.
+    """Relax VMs over one loaded library, each run by a worker thread of its own.
 
     A TVM Relax VM keeps per-call state (its registers, the frame of the running function), so
     two calls overlapping on one VM corrupt each other (a crash, or "Mismatched type on
-    argument" errors). The VMs of a pool share the library and its bound weights, so each
-    costs little memory; they are made on first need, up to ``size``, and a call waits while
-    all are busy. ``borrow()`` lends one as ``(vm, main)``.
+    argument" errors). ``run(fn)`` hands ``fn(vm, main)`` to a free worker and waits for its
+    result; at most ``size`` calls run at once, the others queue in arrival order.
+
+    Workers, not a lock: TVM gives every thread that launches a parallel kernel a thread pool of
+    its own (``TVM_NUM_THREADS`` workers, kept until the process exits). Run on the callers'
+    threads, a server with 64 request threads would hold 64 pools, and leaving the process took
+    about 0.5 s per calling thread; here only the ``size`` workers ever run TVM code. The VMs
+    share the library and its bound weights, so each costs little memory. The first VM is made
+    at once (a bad library fails at load), the others on first need.
     """
 
     def __init__(self, lib, device, size: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
         self._lib, self._device, self.size = lib, device, size
-        self._free: queue.LifoQueue = queue.LifoQueue()
-        self._lock = threading.Lock()
-        self._free.put(self._make())      # the first VM now: a bad library fails at load
-        self._made = 1
+        self._spare = [self._make()]
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="slimc-vm")
 
     def _make(self):
         vm = _tvm().runtime.vm.VirtualMachine(self._lib, self._device)
         return vm, vm["main"]
 
-    @contextlib.contextmanager
-    def borrow(self):
-        try:
-            entry = self._free.get_nowait()
-        except queue.Empty:
-            with self._lock:
-                grow = self._made < self.size
-                self._made += grow
-            entry = self._make() if grow else self._free.get()
-        try:
-            yield entry
-        finally:
-            self._free.put(entry)
+    def _entry(self):
+        entry = getattr(self._local, "entry", None)
+        if entry is None:
+            try:
+                entry = self._spare.pop()
+            except IndexError:
+                entry = self._make()
+            self._local.entry = entry
+        return entry
+
+    @property
+    def workers(self) -> int:
+        """Worker threads (and VMs) started so far."""
+        return len(self._executor._threads)
+
+    def run(self, fn):
+        """``fn(vm, main)`` on a worker's VM; its result, or the exception it raised."""
+        return self._executor.submit(lambda: fn(*self._entry())).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+    def __del__(self):
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=False)
 
 
 def check_index_ranges(ranges: dict, specs, arrays) -> None:
@@ -372,6 +390,14 @@ def check_index_ranges(ranges: dict, specs, arrays) -> None:
             "the model's.")
 
 
+def _remote_call(vm, args) -> list[np.ndarray]:
+    # over RPC a function's tuple result is an opaque remote object: the VM's stateful
+    # interface fetches the outputs one by one
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    return _flatten(vm.get_outputs("main"))
+
+
 @contextlib.contextmanager
 def _run_errors(arrays):
     """TVM's failures while running (an allocation the shapes need that fails, a lost RPC
@@ -391,16 +417,14 @@ def _run_errors(arrays):
 class Module:
     """A loaded artifact: call it with numpy arrays, get a list of numpy arrays back.
 
-    Thread-safe: calls from several threads each borrow a VM from the module's :class:`VMPool`.
+    Thread-safe: calls from several threads each run on a VM of the module's :class:`VMPool`.
     """
 
     def __init__(self, pool: VMPool, metadata: dict, device, *, remote: bool = False):
         self.metadata = metadata
         self.device = device
         self._pool = pool
-        # over RPC a function's tuple result is an opaque remote object: outputs are fetched
-        # with the VM's stateful interface instead (set_input / invoke_stateful / get_outputs)
-        self._remote = remote
+        self._remote = remote      # runs on an RPC server (see _remote_call)
         self._ranges = metadata.get("index_ranges", {})
         self._tensor = _tvm().runtime.tensor
         self.input_specs = [TensorSpec(s["name"], tuple(s["shape"]), s["dtype"])
@@ -465,12 +489,9 @@ class Module:
         arrays = self._check(inputs)
         with _run_errors(arrays):
             args = self._to_device(arrays)
-            with self._pool.borrow() as (vm, main):
-                if self._remote:
-                    vm.set_input("main", *args)
-                    vm.invoke_stateful("main")
-                    return _flatten(vm.get_outputs("main"))
-                return _flatten(main(*args))
+            if self._remote:
+                return self._pool.run(lambda vm, main: _remote_call(vm, args))
+            return self._pool.run(lambda vm, main: _flatten(main(*args)))
 
     def benchmark(self, *inputs, repeat: int = 50, warmup: int = 5, dims: dict | None = None,
                   seed: int = 0) -> dict:
@@ -485,16 +506,20 @@ class Module:
                               "Use an integer repeat >= 1 and warmup >= 0.")
         arrays = self._check(inputs or random_inputs(self.input_specs, seed, dims))
         args = self._to_device(arrays)
-        times = []
-        with self._pool.borrow() as (_, main):
+
+        def timed(vm, main) -> list[float]:   # on the worker: no hand-over inside the timing
             for _ in range(warmup):
                 main(*args)
             self.device.sync()
+            times = []
             for _ in range(repeat):
                 start = time.perf_counter()
                 main(*args)
                 self.device.sync()
                 times.append((time.perf_counter() - start) * 1e3)
+            return times
+
+        times = self._pool.run(timed)
         t = np.asarray(times)
         return {"median_ms": float(np.median(t)), "mean_ms": float(t.mean()),
                 "p90_ms": float(np.percentile(t, 90)), "min_ms": float(t.min()),
