@@ -38,6 +38,7 @@ CASES = {
     "threshold_weights": (lambda inputs: {"sparsity": 0.3}, "changed"),
     "prune_heads": (lambda inputs: {"heads": {0: [1]}}, "changed"),
     "prune_ffn": (lambda inputs: {"neurons": {0: [1]}}, "changed"),
+    "drop_layers": (lambda inputs: {"n": 1, "calib": _calib(inputs)}, "changed"),
     "factorize_low_rank": (lambda inputs: {"rank": 4, "only_if_smaller": False}, "changed"),
     "quantize": (lambda inputs: {"calib": _calib(inputs)}, "changed"),
     # BERT is post-norm: its LayerNorm outputs also feed the residual, so only "insert" applies
