@@ -140,6 +140,13 @@ def cmd_compile(args) -> int:
                         tune=None if args.no_schedules else "default", db=args.db,
                         target_options=_parse_target_options(args.target_option) or None)
     art.save(args.output)
+    ranges = art.metadata.get("index_ranges", {})
+    if ranges:
+        listed = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in ranges.items())
+        print(f"slimc: index inputs checked before each call: {listed}", file=sys.stderr)
+    for gather in art.metadata.get("clipped_indices", []):
+        print(f"slimc: note: gather of computed indices ({gather}) compiled in clip mode: an "
+              "index out of range reads the nearest row (not checked per call)", file=sys.stderr)
     print(f"slimc: wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -98,7 +98,7 @@ def bert_builds(tmp_path_factory):
     onnx_graph = _graph("bert", "dynamo")
     onnx_graph.save(folder / "bert.onnx")
     return {"fx": (runtime.load(slimc.compile(fx).save(folder / "fx")), fx),
-            "fx_dir": folder / "fx",
+            "fx_dir": folder / "fx", "onnx_file": folder / "bert.onnx",
             "onnx": (runtime.load(slimc.compile(onnx_graph).save(folder / "onnx")),
                      ort.InferenceSession(str(folder / "bert.onnx"),
                                           providers=["CPUExecutionProvider"]))}
@@ -164,3 +164,16 @@ def test_cli_run_refuses_an_out_of_range_id_with_exit_2(bert_builds, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "slimc: error: Input" in r.stderr and "holds 40000 at position (0, 1)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_compile_names_the_checked_inputs(bert_builds, tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "slimc.cli", "compile",
+                        str(bert_builds["onnx_file"]), "--target", "x86", "-o",
+                        str(tmp_path / "art")], capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    name = bert_builds["onnx"][0].input_names[0]
+    assert f"index inputs checked before each call: {name} in [-{VOCAB}, {VOCAB - 1}]" \
+        in r.stderr
