@@ -355,6 +355,43 @@ def test_single_layer_cannot_go():
         drop_layers(g, n=1, score="last")
 
 
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(32), torch.nn.LayerNorm(32)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        h = x + self.attn(h, h, h, need_weights=False)[0]
+        f = self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(h))))
+        return h + f, f
+
+
+class _Tapped(torch.nn.Module):
+    """Two pre-norm blocks; the model also returns the first block's FFN output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        x, tap = self.blocks[0](x)
+        x, _ = self.blocks[1](x)
+        return x, tap
+
+
+def test_layer_read_from_outside_is_refused():
+    g = slimc.capture(_Tapped().eval(), (torch.randn(1, 6, 32),))
+    assert [la.norm for la in g.transformer_layers()] == ["pre", "pre"]
+    with pytest.raises(UnsupportedError, match="Layer 0 .* stays partly alive"):
+        drop_layers(g, layers=[0])
+    p = drop_layers(g, layers=[1])  # the other layer is whole
+    assert len(p.transformer_layers()) == 1 and len(p.run()) == 2
+
+
 # -- TVM --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
