@@ -13,6 +13,10 @@ which value is the input ``X`` of every Linear (the View's ``linear`` nodes), an
     gram   = Σ_t X_tᵀ X_t         (XᵀX, the Hessian of SparseGPT up to a factor 2), on request
 
 Statistics are accumulated in float64, batch by batch, so no activation is kept in memory.
+
+:func:`mask_gradients` is the first-order (Taylor) importance that prune_heads and prune_ffn
+share: the caller inserts masks ``m`` (ones) that scale units (heads, neurons) of an FX graph,
+and it returns E_batches |∂L/∂m_u| for a loss ``L`` picked by :func:`check_loss`.
 """
 
 from __future__ import annotations
@@ -200,4 +204,72 @@ def input_stats(native, sites: Sequence[LinearSite], batches: Sequence[tuple],
     return stats
 
 
-__all__ = ["FeatureStats", "LinearSite", "check_batches", "input_stats", "linear_sites", "run"]
+# -- first-order importance through masks (torch autograd, FX graphs) ---------------------------
+
+LOSSES = ("kl", "mse")
+
+
+def check_loss(loss) -> None:
+    if not (callable(loss) or loss in LOSSES):
+        raise OptionError(f"Unknown loss {loss!r} for score='taylor'.",
+                          "Use loss='kl' (default), 'mse', or a callable "
+                          "loss(outputs, batch_index) -> scalar tensor.")
+
+
+def mask_gradients(gm, masks: dict, batches: Sequence[tuple], loss="kl", probes: int = 4,
+                   seed: int = 0) -> dict:
+    """{key: E_batches |∂L/∂m|} for every mask tensor in ``masks`` (leaf tensors of ones that
+    ``gm`` reads, requiring grad; every weight frozen).
+
+    ``loss``: a callable ``loss(outputs, batch_index) -> scalar tensor`` (labelled data);
+    ``"kl"``: KL(teacher ‖ model) over the last axis of every float output taken as logits, the
+    teacher being the unmasked model itself; at m = 1 the KL and its gradient are exactly zero,
+    so L is its sampled form −log q(ŷ) with ŷ drawn from the teacher; ``"mse"``: ‖∂y/∂m‖, the
+    first-order size of the output change, estimated with ``probes`` Rademacher vectors v
+    (E_v[(v·∂y/∂m)²] = ‖∂y/∂m‖²)."""
+    check_loss(loss)
+    import torch
+    import torch.utils._pytree as pytree
+
+    keys = list(masks)
+    acc = {k: torch.zeros(masks[k].shape, dtype=torch.float64) for k in keys}
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.enable_grad():
+        for i, batch in enumerate(batches):
+            args = [torch.as_tensor(np.ascontiguousarray(x)) for x in batch]
+            outs = [o for o in pytree.tree_leaves(gm(*args))
+                    if isinstance(o, torch.Tensor) and o.is_floating_point()]
+            if callable(loss):
+                objectives = [loss(outs, i)]
+                if not isinstance(objectives[0], torch.Tensor) or objectives[0].numel() != 1:
+                    raise OptionError("loss(outputs, batch_index) must return a scalar tensor.",
+                                      "Return e.g. torch.nn.functional.cross_entropy(...).")
+            elif loss == "kl":
+                objectives = [sum(_sampled_kl(o, gen) for o in outs)]
+            else:
+                objectives = [sum((torch.randint(0, 2, o.shape, generator=gen).to(o.dtype) * 2
+                                   - 1).mul(o).sum() for o in outs) for _ in range(probes)]
+            for j, obj in enumerate(objectives):
+                grads = torch.autograd.grad(obj, [masks[k] for k in keys], allow_unused=True,
+                                            retain_graph=j < len(objectives) - 1)
+                for k, g in zip(keys, grads):
+                    if g is not None:
+                        acc[k] += g.double().abs() if loss != "mse" else g.double() ** 2
+                count += 1
+    scale = max(count, 1)
+    return {k: (np.sqrt(a.numpy() / scale) if loss == "mse" else a.numpy() / scale)
+            for k, a in acc.items()}
+
+
+def _sampled_kl(logits, gen):
+    """−log q(ŷ) with ŷ drawn from the (detached) teacher distribution softmax(logits)."""
+    import torch
+    flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 0 else logits.reshape(1, 1)
+    probs = torch.softmax(flat.detach().double(), dim=-1)
+    target = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.nn.functional.cross_entropy(flat, target)
+
+
+__all__ = ["FeatureStats", "LOSSES", "LinearSite", "check_batches", "check_loss",
+           "input_stats", "linear_sites", "mask_gradients", "run"]

@@ -118,53 +118,10 @@ def taylor_scores(graph, blocks: list, batches: list, loss: str | Callable = "kl
             "with torch autograd on FX graphs; an ONNX graph has no torch equivalent here.",
             "Capture the torch module with slimc.capture() and prune the FX graph, or use "
             "score='magnitude' or score='attention' on the ONNX graph.")
-    if not (callable(loss) or loss in ("kl", "mse")):
-        raise OptionError(f"Unknown loss {loss!r} for score='taylor'.",
-                          "Use loss='kl' (default), 'mse', or a callable "
-                          "loss(outputs, batch_index) -> scalar tensor.")
-    import torch
-    import torch.utils._pytree as pytree
-
+    _calib.check_loss(loss)
     from .prune_heads.fx import with_head_masks
     gm, masks = with_head_masks(graph.native, blocks)
-    layers = list(masks)
-    acc = {layer: torch.zeros(masks[layer].shape, dtype=torch.float64) for layer in layers}
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.enable_grad():
-        for i, batch in enumerate(batches):
-            args = [torch.as_tensor(np.ascontiguousarray(x)) for x in batch]
-            outs = [o for o in pytree.tree_leaves(gm(*args))
-                    if isinstance(o, torch.Tensor) and o.is_floating_point()]
-            if callable(loss):
-                objectives = [loss(outs, i)]
-                if not isinstance(objectives[0], torch.Tensor) or objectives[0].numel() != 1:
-                    raise OptionError("loss(outputs, batch_index) must return a scalar tensor.",
-                                      "Return e.g. torch.nn.functional.cross_entropy(...).")
-            elif loss == "kl":
-                objectives = [sum(_sampled_kl(o, gen) for o in outs)]
-            else:
-                objectives = [sum((torch.randint(0, 2, o.shape, generator=gen).to(o.dtype) * 2
-                                   - 1).mul(o).sum() for o in outs) for _ in range(probes)]
-            for j, obj in enumerate(objectives):
-                grads = torch.autograd.grad(obj, [masks[k] for k in layers], allow_unused=True,
-                                            retain_graph=j < len(objectives) - 1)
-                for layer, g in zip(layers, grads):
-                    if g is not None:
-                        acc[layer] += g.double().abs() if loss != "mse" else g.double() ** 2
-                count += 1
-    scale = max(count, 1)
-    return {layer: (np.sqrt(a.numpy() / scale) if loss == "mse" else a.numpy() / scale)
-            for layer, a in acc.items()}
-
-
-def _sampled_kl(logits, gen):
-    """−log q(ŷ) with ŷ drawn from the (detached) teacher distribution softmax(logits)."""
-    import torch
-    flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 0 else logits.reshape(1, 1)
-    probs = torch.softmax(flat.detach().double(), dim=-1)
-    target = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-    return torch.nn.functional.cross_entropy(flat, target)
+    return _calib.mask_gradients(gm, masks, batches, loss, probes=probes, seed=seed)
 
 
 def _per_head(probs: np.ndarray, dims: list, block) -> np.ndarray:
