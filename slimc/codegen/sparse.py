@@ -47,7 +47,7 @@ results match the dense thresholded build to rounding (the tests hold them to 1e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +59,15 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from ..errors import OptionError
-from .build import ScheduleHook
+
+# build.ScheduleHook, spelled out: build imports the kernel selection, which imports this module
+ScheduleHook = Callable[[tvm.IRModule, Target], tvm.IRModule]
 
 # on every BSR PrimFunc: "KxN rxc", plus " rows" for the rows kernel (see sparse_report)
 KERNEL_ATTR = "slimc.bsr"
 DEFAULT_BLOCK = (16, 1)
+# block="auto": the shapes tried on each weight, the one with the lowest expected time kept
+AUTO_BLOCKS = ((32, 1), (16, 1), (8, 1), (4, 4), (2, 4), (1, 8))
 DEFAULT_THRESHOLD = "auto"   # see :func:`crossover`
 # relax OpPatternKind.kOpaque: FuseOps must not fuse a neighbour into the hand-written kernel
 _OPAQUE = 8
@@ -117,8 +121,15 @@ def _blocks(w: np.ndarray, block: tuple[int, int]) -> np.ndarray:
 
 def block_sparsity(w: np.ndarray, block: tuple[int, int]) -> float:
     """The fraction of (r, c) blocks of ``w`` (N, K) that are all zero."""
-    nonzero = np.any(_blocks(w, block) != 0, axis=(2, 3))
-    return 1.0 - float(nonzero.mean()) if nonzero.size else 0.0
+    return _mask_sparsity(w != 0, block)
+
+
+def _mask_sparsity(nonzero: np.ndarray, block: tuple[int, int]) -> float:
+    """:func:`block_sparsity` from ``w != 0`` (computed once for several block shapes)."""
+    n, k = nonzero.shape
+    r, c = block
+    blocks = nonzero.reshape(n // r, r, k // c, c).any(axis=(1, 3))
+    return 1.0 - float(blocks.mean()) if blocks.size else 0.0
 
 
 def to_bsr(w: np.ndarray, block: tuple[int, int]) -> BSR:
@@ -304,12 +315,16 @@ def crossover(block: tuple[int, int], lanes: int, rows: int | None = None) -> fl
     8x1 from 28 %, 2x4 from 50 %, 1x8 from 70 % (with few or symbolic rows 8x1 from 38 %, 4x4
     from 65 %, 1x8 from 90 %). The block's c hardly matters.
     """
+    return max(0.0, 1.0 - 0.9 / penalty(block, lanes, rows))
+
+
+def penalty(block: tuple[int, int], lanes: int, rows: int | None = None) -> float:
+    """The BSR kernel's time on a fully dense weight over the dense kernel's (see
+    :func:`crossover`); the expected time at block sparsity s is penalty × (1 − s) of dense."""
     r = block[0]
     if uses_rows_kernel(block, rows, lanes):
-        penalty = 3.0 if r == 1 else 1.8 if r == 2 else 1.25
-    else:
-        penalty = max(0.55 * lanes / r + 0.35, 1.1 if r < 2 * lanes else 1.0)
-    return max(0.0, 1.0 - 0.9 / penalty)
+        return 3.0 if r == 1 else 1.8 if r == 2 else 1.25
+    return max(0.55 * lanes / r + 0.35, 1.1 if r < 2 * lanes else 1.0)
 
 
 # -- finding the matmuls ---------------------------------------------------------------------
@@ -324,6 +339,7 @@ class Decision:
     bias: bool                  # whether the kernel also adds the bias that followed
     kernel: str | None          # "outputs" or "rows" (see the module docstring) when lowered
     reason: str
+    block: tuple[int, int] | None = None  # the block shape judged (chosen, with block="auto")
 
 
 @dataclass(frozen=True)
@@ -401,8 +417,8 @@ def _rows(xs: list) -> int | None:
     return int(np.prod([int(d) for d in xs[:-1]]))
 
 
-def _find(func: relax.Function, threshold: float | str, block: tuple[int, int], lanes: int
-          ) -> tuple[dict, set, list[Decision]]:
+def _find(func: relax.Function, threshold: float | str, block: tuple[int, int] | str,
+          lanes: int) -> tuple[dict, set, list[Decision]]:
     """(plans by result variable, matmul variables folded into a bias add, decisions)."""
     var2val = relax.analysis.get_var2val(func)
     users = _users(func)
@@ -424,8 +440,9 @@ def _find(func: relax.Function, threshold: float | str, block: tuple[int, int], 
         shape = (int(w.shape[0]), int(w.shape[1]))
 
         def decide(ok: bool, reason: str, sparsity=None, bias=False, kernel=None, var=var,
-                   shape=shape):
-            decisions.append(Decision(var.name, shape, sparsity, ok, bias, kernel, reason))
+                   shape=shape, block=None):
+            decisions.append(Decision(var.name, shape, sparsity, ok, bias, kernel, reason,
+                                      block))
 
         xs = _static_shape(x.ty)
         if w.dtype != np.float32 or getattr(x.ty, "dtype", None) != _FLOAT32 \
@@ -436,21 +453,13 @@ def _find(func: relax.Function, threshold: float | str, block: tuple[int, int], 
                 or int(xs[-1]) != shape[1]:
             decide(False, f"input of unknown rank or shape {xs}")
             continue
-        r, c = block
-        if shape[0] % r or shape[1] % c:
-            decide(False, f"({shape[0]}, {shape[1]}) does not split into {r}x{c} blocks")
-            continue
         m = _rows(xs)
-        rows_kernel = uses_rows_kernel(block, m, lanes)
-        kernel = "rows" if rows_kernel else "outputs"
-        t, how = threshold, ""
-        if threshold == "auto":
-            t = crossover(block, lanes, m)
-            how = f" (auto: {r}x{c} blocks, {lanes} lanes, {kernel} kernel)"
-        s = block_sparsity(w, block)
-        if s < t:
-            decide(False, f"block sparsity {s:.3f} < threshold {t:.2f}{how}", s)
+        choice = _choose_block(w, block, threshold, lanes, m)
+        if choice.block is None or choice.sparsity < choice.threshold:
+            decide(False, choice.reason, choice.sparsity, block=choice.block)
             continue
+        rows_kernel = uses_rows_kernel(choice.block, m, lanes)
+        kernel = "rows" if rows_kernel else "outputs"
         bias, at = None, var
         readers = adds.get(var, [])
         if users.get(var, 0) == 1 and len(readers) == 1:
@@ -458,10 +467,51 @@ def _find(func: relax.Function, threshold: float | str, block: tuple[int, int], 
             if bias is not None:
                 at = readers[0][0]
                 folded.add(var)
-        plans[at] = _Plan(x, to_bsr(w, block), bias, rows_kernel)
-        decide(True, f"block sparsity {s:.3f} >= threshold {t:.2f}{how}", s, bias is not None,
-               kernel)
+        plans[at] = _Plan(x, to_bsr(w, choice.block), bias, rows_kernel)
+        decide(True, choice.reason, choice.sparsity, bias is not None, kernel,
+               block=choice.block)
     return plans, folded, decisions
+
+
+@dataclass(frozen=True)
+class _Choice:
+    block: tuple[int, int] | None   # None: no candidate block divides the weight
+    sparsity: float | None
+    threshold: float
+    reason: str
+
+
+def _choose_block(w: np.ndarray, block: tuple[int, int] | str, threshold: float | str,
+                  lanes: int, rows: int | None) -> _Choice:
+    """The block shape for ``w`` (N, K): ``block`` itself, or with ``block="auto"`` the
+    candidate of :data:`AUTO_BLOCKS` that reaches its threshold with the lowest expected time,
+    :func:`penalty` × (1 − block sparsity); when none reaches it, the one closest to it."""
+    n, k = w.shape
+    candidates = AUTO_BLOCKS if block == "auto" else (block,)
+    fits = [b for b in candidates if n % b[0] == 0 and k % b[1] == 0]
+    if not fits:
+        r, c = candidates[0] if block != "auto" else (0, 0)
+        what = f"{r}x{c} blocks" if block != "auto" else "any block shape tried"
+        return _Choice(None, None, 0.0, f"({n}, {k}) does not split into {what}")
+    nonzero = w != 0
+    zero = 1.0 - float(nonzero.mean())  # no block shape has more zero blocks than zeros
+    best = None
+    for b in fits:
+        t = crossover(b, lanes, rows) if threshold == "auto" else threshold
+        s = _mask_sparsity(nonzero, b) if zero >= t or len(fits) == 1 else 0.0
+        ok = s >= t
+        # eligible first, then the lower expected time; among the rest the smallest shortfall
+        key = (not ok, penalty(b, lanes, rows) * (1.0 - s) if ok else t - s)
+        if best is None or key < best[0]:
+            best = (key, b, s, t)
+    _, b, s, t = best
+    if s == 0.0 and zero > 0.0:  # skipped above: measure the shape reported
+        s = _mask_sparsity(nonzero, b)
+    kernel = "rows" if uses_rows_kernel(b, rows, lanes) else "outputs"
+    how = f" (auto: {b[0]}x{b[1]} blocks, {lanes} lanes, {kernel} kernel)" \
+        if threshold == "auto" else f" ({b[0]}x{b[1]} blocks)" if block == "auto" else ""
+    sign = ">=" if s >= t else "<"
+    return _Choice(b, s, t, f"block sparsity {s:.3f} {sign} threshold {t:.2f}{how}")
 
 
 # -- the rewrite ------------------------------------------------------------------------------
@@ -532,7 +582,7 @@ class _Lower(relax.PyExprMutator):
         y = self.builder_.emit(y)
         return relax.op.reshape(y, _static_shape(out_ty))
 
-    def run(self, threshold: float | str, block: tuple[int, int]) -> tuple[tvm.IRModule, list]:
+    def run(self, threshold: float | str, block: tuple[int, int] | str) -> tuple[tvm.IRModule, list]:
         decisions = []
         for gv, func in self.mod_.functions_items():
             if not isinstance(func, relax.Function):
@@ -554,6 +604,8 @@ def _check(threshold, block) -> tuple[float | str, tuple[int, int]]:
                           "It is the block sparsity from which a weight is lowered to the BSR "
                           "kernel: 'auto' (the default) estimates where sparse beats dense for "
                           "the block shape; a number such as 0.5 sets it.")
+    if block == "auto":
+        return (threshold if threshold == "auto" else float(threshold)), block
     ok = (isinstance(block, Sequence) and not isinstance(block, str) and len(block) == 2
           and all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
                   for b in block))
@@ -561,7 +613,8 @@ def _check(threshold, block) -> tuple[float | str, tuple[int, int]]:
         raise OptionError(f"block={block!r} is not a block shape.",
                           "Pass two positive integers (rows along the output features, columns "
                           f"along the reduction axis), e.g. block={DEFAULT_BLOCK}, the shape "
-                          "threshold_weights(block=...) zeroed.")
+                          "threshold_weights(block=...) zeroed, or 'auto' (the candidate "
+                          "shape with the lowest expected time, per weight).")
     threshold = threshold if threshold == "auto" else float(threshold)
     return threshold, (int(block[0]), int(block[1]))
 
@@ -575,7 +628,7 @@ def _lanes(target: Target | None) -> int:
 
 def plan_sparse(mod: tvm.IRModule, target: Target | None = None, *,
                 threshold: float | str = DEFAULT_THRESHOLD,
-                block: tuple[int, int] = DEFAULT_BLOCK) -> list[Decision]:
+                block: tuple[int, int] | str = DEFAULT_BLOCK) -> list[Decision]:
     """What :func:`lower_sparse` would do with every matmul of ``mod`` that has a constant
     weight, and why (the module is not changed)."""
     threshold, block = _check(threshold, block)
@@ -588,7 +641,7 @@ def plan_sparse(mod: tvm.IRModule, target: Target | None = None, *,
 
 def lower_sparse(mod: tvm.IRModule, target: Target | None = None, *,
                  threshold: float | str = DEFAULT_THRESHOLD,
-                 block: tuple[int, int] = DEFAULT_BLOCK) -> tvm.IRModule:
+                 block: tuple[int, int] | str = DEFAULT_BLOCK) -> tvm.IRModule:
     """Lower every ``matmul(x, W)`` of an imported Relax module whose constant weight ``W`` has
     at least ``threshold`` of its ``block`` blocks all zero to the BSR kernel (with the bias add
     that follows it, when there is one).
@@ -597,12 +650,14 @@ def lower_sparse(mod: tvm.IRModule, target: Target | None = None, *,
     Pre: ``mod`` as imported (before legalization); weights bound as constants. Only float32
     matmuls whose weight splits into ``block`` blocks are candidates (:func:`plan_sparse` says
     why each was or was not lowered). ``threshold="auto"``: :func:`crossover` for the block,
-    the rows of x and the target's vector width (16 lanes without a target). A non-CPU
+    the rows of x and the target's vector width (16 lanes without a target).
+    ``block="auto"``: per weight, the shape of :data:`AUTO_BLOCKS` that reaches its threshold
+    with the lowest expected time (:func:`penalty` × the fraction of blocks kept). A non-CPU
     ``target`` leaves ``mod`` unchanged.
     Post: the lowered weights are gone from the module; in their place their non-zero blocks
     (data, indices, indptr) and the bias are arguments of ``call_tir`` to ``bsr_matmul`` (or,
-    between transposes, ``bsr_matmul_rows``) PrimFuncs, one per weight shape, marked scheduled. Below the threshold the module is
-    returned unchanged.
+    between transposes, ``bsr_matmul_rows``) PrimFuncs, one per weight and block shape, marked
+    scheduled. Below the threshold the module is returned unchanged.
     Numerics: the same sums as the dense matmul without the zero products (fp32 rounding).
     """
     threshold, block = _check(threshold, block)
@@ -632,7 +687,7 @@ def sparse_report(mod: tvm.IRModule) -> dict[str, int]:
 
 
 def sparse_hook(threshold: float | str = DEFAULT_THRESHOLD,
-                block: tuple[int, int] = DEFAULT_BLOCK, *,
+                block: tuple[int, int] | str = DEFAULT_BLOCK, *,
                 then: ScheduleHook | str | None = "default") -> ScheduleHook:
     """A schedule hook for ``slimc.compile(g, tune=sparse_hook(...))``: :func:`lower_sparse`,
     then ``then`` on the result, which schedules the dense rest and leaves the BSR kernels as
