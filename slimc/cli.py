@@ -133,13 +133,28 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    import warnings
+
     from .codegen import compile as slimc_compile
+    from .codegen.select import SlowInt8Warning, describe_kernels
     g = _load_model(args.model)
     print(f"slimc: compiling {args.model} for {args.target} ...", file=sys.stderr)
-    art = slimc_compile(g, target=args.target, input_shapes=_parse_shapes(args.input_shape) or None,
-                        tune=None if args.no_schedules else "default", db=args.db,
-                        target_options=_parse_target_options(args.target_option) or None)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", SlowInt8Warning)
+        art = slimc_compile(g, target=args.target,
+                            input_shapes=_parse_shapes(args.input_shape) or None,
+                            tune=None if args.no_schedules else "default", db=args.db,
+                            target_options=_parse_target_options(args.target_option) or None)
+    for w in said:
+        if issubclass(w.category, SlowInt8Warning):
+            print(f"slimc: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     art.save(args.output)
+    kernels = art.metadata.get("kernels")
+    if kernels:
+        print(f"slimc: kernels: {describe_kernels(kernels)} ({art.metadata['schedules']})",
+              file=sys.stderr)
     ranges = art.metadata.get("index_ranges", {})
     if ranges:
         listed = ", ".join(f"{k} in [{lo}, {hi}]" for k, (lo, hi) in ranges.items())

@@ -28,6 +28,8 @@ from .cuda import keep_source as keep_cuda_source
 from .cuda import precompile as precompile_cuda
 from .export import Artifact
 from .int8 import TORCH_CONVERTERS as INT8_TORCH_CONVERTERS
+from .schedules import apply_default_schedules
+from .select import count_matmuls, kernel_counts, select_kernels, warn_slow_int8
 from .targets import device_kind, host_cpu, isa_features, resolve_target, target_triple
 
 ScheduleHook = Callable[[tvm.IRModule, tvm.target.Target], tvm.IRModule]
@@ -257,13 +259,15 @@ def to_relax(graph, input_shapes: dict | None = None) -> tuple[tvm.IRModule, lis
 def schedule_hook(tune, db=None) -> ScheduleHook | None:
     """What ``compile(..., tune=..., db=...)`` runs between import and lowering.
 
-    ``tune="default"`` (the default): slimc's default CPU schedules
-    (:func:`.schedules.apply_default_schedules`: tiled, vectorised, parallel matmuls with packed
-    weights, vectorised fast math) on CPU targets; on CUDA, TVM's default pipeline with DLight's
-    GPU schedules. With ``db`` (a tuning database from ``slimc tune``), its records are applied
+    ``tune="default"`` (the default): on CPU targets, the kernels picked for what the graph
+    holds (:func:`.select.select_kernels`): int8 matmuls on the VNNI kernels where the target
+    has AVX512-VNNI, block-sparse weights past the measured crossover on the BSR kernels, the
+    rest on slimc's default CPU schedules (:func:`.schedules.apply_default_schedules`: tiled,
+    vectorised, parallel matmuls with packed weights, vectorised fast math); on CUDA, TVM's
+    default pipeline with DLight's GPU schedules. With ``db`` (a tuning database from ``slimc tune``), its records are applied
     and the default schedules fill the gaps. ``tune=None``: TVM's stock pipeline with no
     schedules (slow on CPU: for comparison only). A callable ``(mod, target) -> mod`` is run as
-    given (e.g. ``slimc.codegen.int8.int8_schedules``).
+    given instead of the selection (e.g. ``slimc.codegen.int8.int8_schedules``).
     """
     if db is not None:
         if tune not in ("default", None):
@@ -273,8 +277,7 @@ def schedule_hook(tune, db=None) -> ScheduleHook | None:
         from .tune import database_hook
         return database_hook(db)
     if tune == "default":
-        from .schedules import apply_default_schedules
-        return apply_default_schedules
+        return select_kernels
     if tune is None:
         return None
     if callable(tune):
@@ -288,8 +291,7 @@ def _describe(hook, device: str) -> str | None:
     """What scheduled the build, for metadata.json."""
     if hook is None:
         return None
-    from .schedules import apply_default_schedules
-    if device == "cuda" and hook is apply_default_schedules:
+    if device == "cuda" and hook in (apply_default_schedules, select_kernels):
         return "DLight (TVM's default CUDA pipeline)"   # the hook leaves CUDA modules alone
     return getattr(hook, "__qualname__", None) or repr(hook)
 
@@ -304,6 +306,9 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
     exported with dynamic axes); dimensions left symbolic stay dynamic in the library.
     ``tune`` / ``db``: schedules, see :func:`schedule_hook` (default: slimc's default CPU
     schedules; ``db``: a tuning database directory written by ``slimc tune``).
+    ``metadata["kernels"]`` counts the matmuls by the kernel each got (VNNI, int32 loops, BSR,
+    dense; :func:`.select.kernel_counts`); integer matmuls left as int32 loops on a CPU
+    without AVX512-VNNI warn (:class:`.select.SlowInt8Warning`).
     """
     tgt = resolve_target(target, **(target_options or {}))
     device = device_kind(tgt)
@@ -319,8 +324,12 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
     # indices read clipped (codegen/bounds.py)
     ranges, unchecked = index_ranges(mod, [s["name"] for s in inputs])
     mod = guard_computed_indices(mod, unchecked)
+    matmuls = count_matmuls(mod)
     if hook is not None:
         mod = hook(mod, tgt)
+    kernels = kernel_counts(matmuls, mod)
+    if device == "cpu":
+        warn_slow_int8(kernels, tgt)
     try:
         with keep_cuda_source() if device == "cuda" else contextlib.nullcontext():
             executable = tvm.compile(mod, target=tgt, relax_pipeline="default")
@@ -349,6 +358,7 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
         "passes": list(graph.history),
         "relax_pipeline": "default",
         "schedules": _describe(hook, device),
+        "kernels": kernels,
         "weights": "bound",
     }
     if unchecked:

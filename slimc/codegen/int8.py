@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 VNNI_INTRIN = "slimc_dot_16x4_vnni"
+KERNEL_ATTR = "slimc.vnni"  # on every VNNI kernel PrimFunc: "MxKxN" (see select.kernel_counts)
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps never merges the kernel (and its schedule)
 
 
@@ -103,7 +104,7 @@ def vnni_kernel(m: int, k: int, n: int, rows: int = 4) -> tirx.PrimFunc:
     sch.tensorize(ji, VNNI_INTRIN)
     func = sch.mod["main"].without_attr("global_symbol")  # private: named by its GlobalVar
     return func.with_attr({"tirx.is_scheduled": True, "op_pattern": _OPAQUE,
-                           "tirx.noalias": True})
+                           "tirx.noalias": True, KERNEL_ATTR: f"{m}x{k}x{n}"})
 
 
 # -- the Relax rewrite -----------------------------------------------------------------------
