@@ -6,6 +6,7 @@ Usage::
     g2 = passes.prune_ffn(g, neurons={0: [1, 5], 3: [0]})      # explicit neurons, by layer
     g2 = passes.prune_ffn(g, ratio=0.5)                         # lowest magnitude, every layer
     g2 = passes.prune_ffn(g, ratio=0.5, scope="global", round_to=16)
+    g2 = passes.prune_ffn(g, ratio=0.3, score="wanda", calib=[(ids,), (ids2,)])
 
 Works on FX graphs (``torch.export``) and ONNX models (both torch exporters, static or dynamic
 axes), on every block ``graph.ffn_blocks()`` finds: Linear → GELU / ReLU / ... → Linear (BERT,
@@ -21,13 +22,13 @@ import numpy as np
 
 from ...errors import OptionError, UnsupportedError
 from ..registry import Lossy, PassResult, register_pass
-from . import _math
+from . import _math, _scores
 
 _BOUND = ("removing neuron j equals keeping it with row j of the first projection(s) and its "
           "bias zeroed, and column j of the second projection zeroed (exact, 1e-5); against "
           "the unpruned model the change is what those neurons contributed")
 
-SCORES = ("magnitude",)
+SCORES = _scores.SCORES
 
 
 def _why_no_ffn(graph) -> str:
@@ -43,8 +44,8 @@ def _why_no_ffn(graph) -> str:
 
 @register_pass("prune_ffn", contract=Lossy(identity={"neurons": {}, "ratio": 0}, bound=_BOUND))
 def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = None,
-              score: str = "magnitude", scope: str = "per_layer", round_to: int = 1
-              ) -> PassResult:
+              score: str = "magnitude", calib=None, loss="kl", scope: str = "per_layer",
+              round_to: int = 1) -> PassResult:
     """Remove intermediate neurons of feed-forward blocks: slice rows of the first
     projection(s) and their biases and columns of the second projection.
 
@@ -54,8 +55,21 @@ def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = No
     (``scope="per_layer"``), or the lowest across all layers against one threshold
     (``scope="global"``). ``round_to=r`` rounds each layer's kept count up to a multiple of
     ``r`` (never past the layer's width). Every layer keeps at least one neuron.
-    ``score="magnitude"``: ‖in-row j‖ · ‖out-column j‖ (the in-row with its bias; gated blocks multiply the gate's and
-    up's row norms).
+
+    Scores (``a_j`` is neuron j's activation, the value ``down`` reads: after the activation
+    function, and in the gated form after ``act(gate) * up``; ``calib`` is a list of input
+    tuples, as for ``prune_heads``, read by the last three scores only; t runs over every
+    calibration token):
+
+    * ``"magnitude"`` (no data): ‖in-row j‖ · ‖out-column j‖ (the in-row with its bias; gated
+      blocks multiply the gate's and up's row norms).
+    * ``"activation"``: mean_t |a_tj|.
+    * ``"wanda"``: ‖a_j‖₂ · Σ_i |down_ij|, Wanda's |W|·‖X‖ summed over the neuron's outgoing
+      weights (Sun et al. 2023).
+    * ``"taylor"`` (FX only: torch autograd): E_batches |∂L/∂m_j| = E_batches |Σ_t a_tj ·
+      ∂L/∂a_tj|, m a mask of ones scaling a: the first-order change of L when neuron j goes
+      (Molchanov et al. 2017). ``loss`` picks L as for ``prune_heads``: ``"kl"`` (default) to
+      the unpruned model's outputs, ``"mse"``, or ``loss(outputs, batch_index)``.
 
     Math: an FFN computes ``down(act(up(x)))`` (or ``down(act(gate(x)) * up(x))``); the
     activation and every op between the projections act per element, so neuron j's value
@@ -82,15 +96,13 @@ def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = No
     if neurons is None and ratio is None:
         raise OptionError("prune_ffn needs neurons={layer: [neuron, ...]} or ratio=...",
                           "E.g. passes.prune_ffn(g, neurons={0: [1]}) or ratio=0.3.")
-    if score not in SCORES:
-        raise OptionError(f"Unknown FFN neuron score {score!r}.",
-                          f"Use score={SCORES[0]!r} (the only score prune_ffn has so far).")
     round_to = _math.check_round_to(round_to)
     if scope not in ("per_layer", "global"):
         raise OptionError(f"Unknown scope {scope!r}.", "Use scope='per_layer' (the same "
                           "fraction of every layer) or 'global' (one threshold for all).")
     if ratio is not None:
         ratio = _math.check_ratio(ratio)
+    batches = _scores.check(graph, score, calib, loss, scoring=bool(ratio))
     blocks = graph.ffn_blocks()
     if not blocks:  # the registry raises (or warns) naming what the graph has instead
         return PassResult(graph, False, {"matched": 0, "changed": 0,
@@ -105,11 +117,13 @@ def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = No
     elif ratio == 0:
         plans = []
     else:
-        scores = {b.layer: _math.magnitude_scores(b, graph.get_weight) for b in blocks}
+        scores = _scores.neuron_scores(graph, blocks, score, batches, loss)
         bad = [b.name for b in blocks if not np.isfinite(scores[b.layer]).all()]
         if bad:
-            raise UnsupportedError(f"FFN neuron scores of {', '.join(bad)} are not finite "
-                                   "(NaN or infinite weights): a ranking would be arbitrary.",
+            why = "weights" if score == "magnitude" else "weights or calibration activations"
+            raise UnsupportedError(f"FFN neuron {score} scores of {', '.join(bad)} are not "
+                                   f"finite (NaN or infinite {why}): a ranking would be "
+                                   "arbitrary.",
                                    "Fix the weights, or pass neurons={...} explicitly.")
         plans = _math.select(blocks, scores, ratio, global_=scope == "global",
                               round_to=round_to)
@@ -137,6 +151,8 @@ def prune_ffn(graph, /, *, neurons: dict | None = None, ratio: float | None = No
     if scores is not None:
         stats["score"] = score
         stats["scores"] = {layer: [float(x) for x in s] for layer, s in scores.items()}
+        if score == "taylor":
+            stats["loss"] = loss if isinstance(loss, str) else "callable"
     return PassResult(graph, bool(plans), stats)
 
 

@@ -148,6 +148,46 @@ def magnitude_scores(block: FFNBlock, get_weight) -> np.ndarray:
     return score * np.sqrt((cols ** 2).sum(axis=1))
 
 
+class NeuronStats:
+    """Per-neuron statistics of the value ``down`` reads (the neurons' activations ``a``) over
+    every calibration token, in float64: ``tokens``, ``abs_sum`` (Σ_t |a_tj|) and ``sq``
+    (Σ_t a_tj², ‖a_j‖₂²)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.tokens = 0
+        self.abs_sum = np.zeros(width)
+        self.sq = np.zeros(width)
+
+    def update(self, a) -> None:
+        a = np.asarray(a)
+        if a.ndim == 0 or a.shape[-1] != self.width:
+            raise OptionError(f"A calibration batch produced FFN activations of shape "
+                              f"{a.shape} where {self.width} neurons were expected.",
+                              "Give calibration batches shaped like the model's inputs.")
+        a = a.reshape(-1, self.width).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise OptionError("A calibration batch produces NaN or infinite FFN activations.",
+                              "Check the calibration inputs; the model must produce finite "
+                              "values on them.")
+        self.tokens += a.shape[0]
+        self.abs_sum += np.abs(a).sum(axis=0)
+        self.sq += np.einsum("tj,tj->j", a, a)
+
+
+def activation_scores(stats: NeuronStats) -> np.ndarray:
+    """Mean |a_j| over the calibration tokens."""
+    return stats.abs_sum / max(stats.tokens, 1)
+
+
+def wanda_scores(block: FFNBlock, stats: NeuronStats, get_weight) -> np.ndarray:
+    """Σ_i |down_ij| · ‖a_j‖₂: Wanda's weight score |W_ij|·‖X_j‖₂ (Sun et al. 2023) summed over
+    the neuron's outgoing weights, column j of ``down``, whose input feature j is a_j."""
+    w = np.asarray(get_weight(block.down.weight), dtype=np.float64)
+    cols = w.T if block.down.layout == "out_in" else w
+    return np.abs(cols).sum(axis=1) * np.sqrt(stats.sq)
+
+
 def _kept(n: int, remove: int, round_to: int) -> int:
     """How many of ``n`` neurons stay when ``remove`` go, rounded up to a multiple of
     ``round_to`` (never more than ``n``, never fewer than one)."""

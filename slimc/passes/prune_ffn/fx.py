@@ -86,3 +86,29 @@ def prune(gm: torch.fx.GraphModule, plans: list, example_inputs=None) -> None:
         raise PassError(f"The graph is inconsistent after FFN pruning: "
                         f"{str(e).strip().splitlines()[0][:300]}",
                         "This is a slimc bug; please report it with the model.") from e
+
+
+# -- analysis helper for score="taylor" -------------------------------------------------------
+
+def with_neuron_masks(gm: torch.fx.GraphModule, reads: dict) -> tuple[torch.fx.GraphModule,
+                                                                      dict]:
+    """A copy of ``gm`` whose FFN down-projections read ``a * mask_l``: ``reads`` maps each
+    layer to (down node, the node it reads as ``a``, width); mask entry j scales neuron j
+    (1 = unchanged). Returns (copy, {layer: mask tensor}), the masks requiring grad and every
+    weight frozen."""
+    import copy
+    gm = copy.deepcopy(gm)
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    masks = {}
+    for layer, (down, x, width) in reads.items():
+        name = f"_slimc_neuron_mask_{layer}"
+        gm.register_buffer(name, torch.ones(width, requires_grad=True))
+        masks[layer] = getattr(gm, name)
+        with gm.graph.inserting_before(nodes[down]):
+            mask = gm.graph.get_attr(name)
+            mul = gm.graph.call_function(aten.mul.Tensor, (nodes[x], mask))
+        nodes[down].replace_input_with(nodes[x], mul)
+    gm.recompile()
+    return gm, masks
