@@ -90,7 +90,8 @@ def _kernel_calls(mod: tvm.IRModule, attr: str) -> int:
 def kernel_counts(before: dict[str, int], mod: tvm.IRModule) -> dict[str, int]:
     """Which kernels the matmuls counted by :func:`count_matmuls` got in ``mod`` (what a
     schedule hook returned): ``int8_vnni`` (VNNI kernels), ``int8_generic`` (integer matmuls
-    left as int32 loops), ``bsr`` (block-sparse kernels), ``dense`` (float matmuls on dense
+    left as int32 loops: without VNNI, or without a constant int8 weight, e.g. an int8
+    attention's q·kᵀ), ``bsr`` (block-sparse kernels), ``dense`` (float matmuls on dense
     kernels, the attention's activation products included)."""
     vnni, bsr = _kernel_calls(mod, VNNI_ATTR), _kernel_calls(mod, BSR_ATTR)
     return {"int8_vnni": vnni, "int8_generic": max(0, before["integer"] - vnni),
@@ -99,7 +100,7 @@ def kernel_counts(before: dict[str, int], mod: tvm.IRModule) -> dict[str, int]:
 
 def describe_kernels(kernels: dict[str, int]) -> str:
     """``kernel_counts`` in words, e.g. "12 int8 VNNI, 4 dense fp32 matmuls"."""
-    words = {"int8_vnni": "int8 VNNI", "int8_generic": "int8 as int32 loops (no VNNI)",
+    words = {"int8_vnni": "int8 VNNI", "int8_generic": "int8 as int32 loops",
              "bsr": "block-sparse (BSR)", "dense": "dense float"}
     parts = [f"{kernels[k]} {w}" for k, w in words.items() if kernels.get(k)]
     return ", ".join(parts) + " matmuls" if parts else "no matmuls"
