@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 
 from .structures import AttentionBlock, Linear
-from .view import DATA_OPS, SHAPE_OPS, View, VNode
+from .view import DATA_OPS, SHAPE_OPS, View, VNode, dotted_prefix
 
 _MAX_DEPTH = 40
 
@@ -206,16 +206,7 @@ def _linear(node: VNode, rows: tuple[int, int] | None) -> Linear:
 
 
 def _block_name(names: list[str], layer: int) -> str:
-    parts = [n.split(".") for n in names if n and "::" not in n]
-    if len(parts) >= 2:
-        common = []
-        for seg in zip(*parts):
-            if len(set(seg)) != 1:
-                break
-            common.append(seg[0])
-        if common:
-            return ".".join(common)
-    return f"attention_{layer}"
+    return dotted_prefix([n for n in names if n and "::" not in n]) or f"attention_{layer}"
 
 
 # Fused attention operators (ONNX op type -> per-op facts). ``heads``: inputs that carry a head

@@ -22,7 +22,7 @@ nonlinear op (two projections in a row are a factorized linear, not an FFN).
 from __future__ import annotations
 
 from .structures import FFNBlock, Linear
-from .view import View, VNode
+from .view import View, VNode, dotted_prefix
 
 # Per-element ops by ``attrs["fn"]`` (aten op names and ONNX op types). Binary ones may read
 # constants (broadcast on the last axis) or other values of the same block.
@@ -116,16 +116,8 @@ def _linear(node: VNode) -> Linear:
 
 
 def _name(names: list[str], layer: int) -> str:
-    parts = [n.split(".") for n in names if n and "::" not in n and "." in n]
-    if len(parts) >= 2:
-        common = []
-        for seg in zip(*parts):
-            if len(set(seg)) != 1:
-                break
-            common.append(seg[0])
-        if common:
-            return ".".join(common)
-    return f"ffn_{layer}"
+    return dotted_prefix([n for n in names if n and "::" not in n and "." in n]) \
+        or f"ffn_{layer}"
 
 
 def find_ffn(view: View) -> list[FFNBlock]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 
 from .structures import AttentionBlock, FFNBlock, TransformerLayer
-from .view import View, VNode
+from .view import View, VNode, dotted_prefix
 
 # Nodes that only check a value (torch.export's dtype/shape assertions): not a use of it.
 _CHECKS = frozenset({"_assert_tensor_metadata", "_assert_scalar"})
@@ -159,12 +159,7 @@ def _linear_input(view: View, node: str) -> str | None:
 
 
 def _common_name(a: str, b: str, layer: int) -> str:
-    common = []
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        common.append(x)
-    return ".".join(common) if common and "::" not in a else f"layer_{layer}"
+    return ("::" not in a and dotted_prefix([a, b])) or f"layer_{layer}"
 
 
 def find_layers(view: View, attention: list[AttentionBlock],

@@ -50,3 +50,17 @@ class View:
 
     def shape(self, value: str) -> tuple | None:
         return self.shapes.get(value)
+
+
+def dotted_prefix(names: list[str]) -> str:
+    """The dotted segments all of ``names`` (two or more) start with, e.g. ``encoder.layer.0``
+    for ``encoder.layer.0.attention.query`` and ``encoder.layer.0.output.dense``; "" when there
+    are fewer than two names or nothing in common. Discovery names blocks with it."""
+    if len(names) < 2:
+        return ""
+    common = []
+    for seg in zip(*(n.split(".") for n in names)):
+        if len(set(seg)) != 1:
+            break
+        common.append(seg[0])
+    return ".".join(common)
