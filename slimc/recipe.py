@@ -119,6 +119,11 @@ def _reads_calib(pname: str, opts: dict) -> bool:
         return opts.get("importance", "magnitude") in CALIBRATED and opts.get("tau") is None
     if pname == "prune_heads":
         return opts.get("score", "magnitude") != "magnitude" and opts.get("heads") is None
+    if pname == "prune_ffn":
+        return opts.get("score", "magnitude") != "magnitude" and opts.get("neurons") is None
+    if pname == "drop_layers":
+        return opts.get("score", "block_influence") == "block_influence" \
+            and opts.get("layers") is None
     return True
 
 

@@ -50,3 +50,13 @@ def test_recipe_file_errors(tmp_path):
         Recipe.load(tmp_path / "missing.toml")
     with pytest.raises(InputFileError, match="not valid TOML"):
         Recipe.load(_write(tmp_path, "[[passes]\nname="))
+
+
+def test_shared_calib_goes_only_to_the_steps_that_read_it():
+    from slimc.recipe import _reads_calib
+    assert not _reads_calib("prune_ffn", {"ratio": 0.5})
+    assert _reads_calib("prune_ffn", {"ratio": 0.5, "score": "wanda"})
+    assert not _reads_calib("prune_ffn", {"neurons": {0: [1]}, "score": "wanda"})
+    assert _reads_calib("drop_layers", {"n": 1})
+    assert not _reads_calib("drop_layers", {"n": 1, "score": "last"})
+    assert not _reads_calib("drop_layers", {"layers": [0]})
