@@ -1,6 +1,6 @@
 """Structured compression of all-MiniLM-L6-v2: heads, FFN neurons, whole layers — compiled.
 
-    .venv/bin/python bench/structured.py [--recover-steps 0] [--repeat 15] [--seq 128]
+    .venv/bin/python bench/structured.py [--recover-steps 0 [--hidden]] [--repeat 15] [--seq 128]
 
 Each variant is captured with torch.export at batch 1, the given sequence length, pruned by
 magnitude (``prune_heads``, ``prune_ffn``) and block influence on ``lee_background.cor`` sentences
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--recover-steps", type=int, default=0)
+    p.add_argument("--hidden", action="store_true",
+                   help="layer-mapped distillation (recover(hidden=True))")
     p.add_argument("--calib", type=int, default=16, help="sentences for block influence")
     args = p.parse_args(argv)
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
             graph = getattr(passes, pass_name)(graph, **options, **extra)
         if steps and args.recover_steps:
             graph = recover(graph, teacher=g, data=data, steps=args.recover_steps,
-                            freeze=("embeddings",))
+                            freeze=("embeddings",), hidden=args.hidden)
         graph = passes.cleanup(graph)
         art = slimc.compile(graph, "x86").save(os.path.join(work, f"v{len(models)}"))
         m = runtime.load(art)
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
 
     base = rows["dense"]
     print(f"\nall-MiniLM-L6-v2, batch 1, sequence {args.seq}, fp32, recover steps "
-          f"{args.recover_steps}; medians of {args.repeat} interleaved rounds")
+          f"{args.recover_steps}{' (layer-mapped)' if args.hidden else ''}; medians of "
+          f"{args.repeat} interleaved rounds")
     print(f"{'variant':32s} {'params':>11s} {'TVM ms':>7s} {'speed-up':>8s} {'WordSim':>8s} "
           f"{'polarity':>8s}")
     for name, r in rows.items():
