@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_prune_heads import _perturbed, _snapshot, graph_of
+from test_prune_heads import _max_err, _perturbed, _snapshot, graph_of
 from zoo import TS_EXPORTABLE, ZOO
 
 import slimc
@@ -95,10 +95,6 @@ def neuron_sets(g: slimc.Graph, seed: int) -> list[dict]:
                                                                       replace=False))
         sets.append(neurons)
     return sets
-
-
-def _max_err(a, b) -> float:
-    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
 
 
 def _shapes(g: slimc.Graph, b) -> dict:
