@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from ..errors import UnsupportedError
+from ..errors import PassError, UnsupportedError
 from .view import View, VNode
 
 aten = torch.ops.aten
@@ -213,10 +213,16 @@ def example_args(gm: torch.fx.GraphModule, example_inputs) -> list:
     return args
 
 
-def refresh_meta(gm: torch.fx.GraphModule, example_inputs=None) -> None:
-    """Recompute ``node.meta["val"]`` (fake tensors) after a shape-changing edit."""
+def refresh_meta(gm: torch.fx.GraphModule, example_inputs=None, *, edit: str) -> None:
+    """Recompute ``node.meta["val"]`` (fake tensors) after a shape-changing ``edit`` (named in
+    the error: "head pruning"); a graph the edit left inconsistent raises PassError."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
     gm.recompile()
     args = example_args(gm, example_inputs)
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+    try:
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+    except Exception as e:
+        raise PassError(f"The graph is inconsistent after {edit}: "
+                        f"{str(e).strip().splitlines()[0][:300]}",
+                        "This is a slimc bug; please report it with the model.") from e

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from ...errors import PassError, UnsupportedError
+from ...errors import UnsupportedError
 from ...ir import fx as ir_fx
 from . import _math
 
@@ -80,12 +80,7 @@ def prune(gm: torch.fx.GraphModule, plans: list, example_inputs=None) -> None:
                                        "Report the model architecture.")
     for e in edits + side:
         ir_fx.set_weight(gm, e.name, _math.apply_edit(ir_fx.get_weight(gm, e.name), e))
-    try:
-        ir_fx.refresh_meta(gm, example_inputs)
-    except Exception as e:
-        raise PassError(f"The graph is inconsistent after FFN pruning: "
-                        f"{str(e).strip().splitlines()[0][:300]}",
-                        "This is a slimc bug; please report it with the model.") from e
+    ir_fx.refresh_meta(gm, example_inputs, edit="FFN pruning")
 
 
 # -- analysis helper for score="taylor" -------------------------------------------------------

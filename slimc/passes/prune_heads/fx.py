@@ -391,12 +391,7 @@ def prune(gm: torch.fx.GraphModule, plans: list, example_inputs=None) -> None:
     for e in edits:
         ir_fx.set_weight(gm, e.name, _math.apply_edit(ir_fx.get_weight(gm, e.name), e))
     _rewrite(gm, prop, shapes)
-    try:
-        ir_fx.refresh_meta(gm, example_inputs)
-    except Exception as e:
-        raise PassError(f"The graph is inconsistent after head pruning: "
-                        f"{str(e).strip().splitlines()[0][:300]}",
-                        "This is a slimc bug; please report it with the model.") from e
+    ir_fx.refresh_meta(gm, example_inputs, edit="head pruning")
     for n in gm.graph.nodes:
         for key, shape in _val_shapes(n).items():
             want = prop.new_shape(key)
