@@ -20,6 +20,7 @@ import tvm
 from tvm import relax
 
 from .. import __version__
+from .._quiet import plain_graphsurgeon_logs, torch_internal_warnings, tvm_native_noise
 from ..errors import OptionError, ShapeError, SlimcError, UnsupportedError
 from ..ir import Graph, TensorSpec
 from ..runtime import use_physical_cores
@@ -64,7 +65,8 @@ def _import_fx(graph: Graph) -> tvm.IRModule:
     import tvm.relax.frontend.torch as tvm_torch
     ep = graph.to_exported_program()
     try:
-        return tvm_torch.from_exported_program(ep, custom_convert_map=_TORCH_CONVERTERS)
+        with torch_internal_warnings():  # its run_decompositions deep-copies LeafSpecs
+            return tvm_torch.from_exported_program(ep, custom_convert_map=_TORCH_CONVERTERS)
     except Exception as e:
         raise UnsupportedError(
             f"TVM's PyTorch frontend cannot import this graph: {_last_line(e)}",
@@ -211,6 +213,7 @@ def static_onnx(model, shapes: dict[str, tuple]):
     # onnxscript's folder skips some Shape-derived arithmetic (e.g. a Mul on a sliced Shape);
     # onnx-graphsurgeon's folder evaluates it with onnxruntime
     import onnx_graphsurgeon as gs
+    plain_graphsurgeon_logs()
     try:  # Shape ops fold only where the shapes are known
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     except Exception:  # noqa: BLE001 - best effort: without shapes, less folds
@@ -331,7 +334,10 @@ def compile(graph, target="x86", *, input_shapes: dict | None = None, tune="defa
     if device == "cpu":
         warn_slow_int8(kernels, tgt)
     try:
-        with keep_cuda_source() if device == "cuda" else contextlib.nullcontext():
+        # tvm_native_noise: TVM's warning about gathers in "fast" mode, which slimc's checks
+        # make moot (codegen/bounds.py), printed where TVM legalizes (here unless hook did)
+        with keep_cuda_source() if device == "cuda" else contextlib.nullcontext(), \
+                tvm_native_noise():
             executable = tvm.compile(mod, target=tgt, relax_pipeline="default")
     except Exception as e:
         dynamic = sorted({d for s in inputs for d in s["shape"] if isinstance(d, str)})

@@ -52,6 +52,8 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
 from tvm.tirx.analysis import undefined_vars
 
+from .._quiet import tvm_native_noise
+
 RULE_ATTR = "slimc.schedule_rule"
 # relax OpPatternKind.kOpaque: the build's default pipeline runs FuseOps/FuseTIR again; an opaque
 # kernel is never fused into a neighbour, which would discard its schedule
@@ -630,7 +632,9 @@ def legalize(mod: tvm.IRModule, target: Target, *, fast: bool = True) -> tvm.IRM
     functions of :mod:`.fast_math` when ``fast``."""
     from .fast_math import legalize_map
     custom = legalize_map() if fast else None
-    with target:
+    # tvm_native_noise: TVM's "Fast mode segfaults ..." for each gather lowered; slimc checks
+    # index inputs at run time and clips computed ones (codegen/bounds.py), see slimc._quiet
+    with target, tvm_native_noise():
         return tvm.transform.Sequential([
             relax.transform.LegalizeOps(customize_legalize_map=custom),
             relax.transform.AnnotateTIROpPattern(),

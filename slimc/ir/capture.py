@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._quiet import torch_internal_warnings
 from ..errors import CaptureError, InputFileError, ShapeError, SlimcError, UnsupportedError
 from .graph import Graph
 
@@ -572,7 +573,7 @@ def _quiet_exporter():
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), torch_internal_warnings():
             yield
     finally:
         for lg, level in zip(loggers, levels):

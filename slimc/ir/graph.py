@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._quiet import torch_internal_warnings
 from ..errors import ShapeError, UnsupportedError
 from . import attention as _attention
 from . import ffn as _ffn
@@ -70,7 +71,8 @@ class Graph:
     def copy(self) -> Graph:
         """A deep copy: weights included, so editing the copy never touches this graph."""
         if self.backend == "fx":
-            native = _copy.deepcopy(self.native)
+            with torch_internal_warnings():  # deep-copying the GraphModule's LeafSpecs
+                native = _copy.deepcopy(self.native)
         else:
             import onnx
             native = onnx.ModelProto()

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..._quiet import plain_graphsurgeon_logs
+
 # Shape inference runs on an in-memory model, which protobuf caps at 2 GiB.
 _INFER_LIMIT = 1_800_000_000
 # Their value is drawn at random each run: folding would freeze one draw.
@@ -27,6 +29,7 @@ _SHAPE_ONLY = {"Reshape", "Expand", "Squeeze", "Unsqueeze", "Flatten", "Tile"}
 def _quiet():
     """graphsurgeon logs a warning for every subgraph it cannot evaluate; that is expected here
     (the part stays computation), so only errors get through."""
+    plain_graphsurgeon_logs()
     logger = gs.logger.G_LOGGER
     old = logger.severity
     logger.severity = logger.ERROR

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..._quiet import plain_graphsurgeon_logs
 from ._match import CNode, PConst, Plan, PlanOp, PValue
 
 # Shape inference and graphsurgeon export work on an in-memory proto, which protobuf caps at 2 GiB.
@@ -94,6 +95,7 @@ class OnnxHost:
                                                            data_prop=True)
             except Exception:  # noqa: BLE001 - shapes only refine matching; go on without
                 source = model
+        plain_graphsurgeon_logs()
         self.graph = gs.import_onnx(source)
         self._cache: dict[int, CNode | None] = {}
         self._consts: dict[int, np.ndarray | None] = {}
