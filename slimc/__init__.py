@@ -14,6 +14,9 @@ def __getattr__(name):
     if name == "compile":
         from .codegen import compile
         return compile
+    if name == "compress":
+        from .compression import compress
+        return compress
     if name == "recover":
         from .passes.prune_heads.recover import recover
         return recover
@@ -21,4 +24,4 @@ def __getattr__(name):
 
 
 __all__ = ["SlimcError", "Graph", "AttentionBlock", "Linear", "capture", "load", "compile",
-           "recover", "passes", "codegen", "runtime", "__version__"]
+           "recover", "compress", "passes", "codegen", "runtime", "__version__"]

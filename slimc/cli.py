@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -435,6 +436,79 @@ def load_plugins(specs: list[str]) -> None:
                 from e
 
 
+def cmd_compress(args) -> int:
+    from . import _atomic
+    from .compression import BudgetError, compress, minilm_metrics, parse_fraction, parse_latency
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"-o {out} is a file.", "Name a folder (new or existing) for the "
+                          "compressed model, its build and its report.")
+    max_drop = parse_fraction(args.max_drop)
+    latency, latency_ms = parse_latency(args.latency) if args.latency else (None, None)
+    from .compression import _check_budgets
+    _check_budgets(max_drop, latency, latency_ms)  # before loading anything
+    g = _load_model(args.model)
+    calib = _read_calib(args.calib, g)
+    metrics = None
+    names = list(dict.fromkeys(args.metric or ["agreement"]))
+    task = [n for n in names if n != "agreement"]
+    if task:
+        if "agreement" in names:
+            raise OptionError("--metric agreement is the default metric; with task metrics "
+                              "(wordsim, polarity) leave it out.", "Give --metric wordsim "
+                              "--metric polarity, or no --metric.")
+        ids = calib[0][0]
+        if len(calib[0]) != 2 or np.asarray(ids).ndim != 2:
+            raise OptionError(f"--metric {' '.join(task)} reads a sentence encoder taking "
+                              "(input_ids, attention_mask) of shape (batch, sequence); "
+                              f"{args.model} takes {len(calib[0])} input(s).",
+                              "Use --metric agreement (the default) for other models.")
+        metrics = minilm_metrics(seq=ids.shape[1], batch=ids.shape[0], which=task)
+    shapes = {s.name: tuple(np.asarray(a).shape) for s, a in zip(g.input_specs(), calib[0])}
+    res = compress(g, calib=calib, metrics=metrics, max_drop=max_drop, latency=latency,
+                   latency_ms=latency_ms, target=args.target, input_shapes=shapes,
+                   precisions=args.precision or ("fp32", "int8"),
+                   recover_steps=args.recover_steps, max_steps=args.max_steps,
+                   repeat=args.repeat, verbose=not args.quiet)
+    print(res.table())
+    print(f"\n{res.reason} ({res.seconds:.0f} s, {res.cpu or args.target})")
+    if res.chosen is None:
+        if args.report:
+            from .report import write_report
+            write_report(args.report, model=args.model, front=res)
+            print(f"slimc: wrote the report of the search to {args.report}", file=sys.stderr)
+        raise BudgetError(res.reason[0].upper() + res.reason[1:] + ".",
+                          "Relax --max-drop or --latency, allow more steps (--max-steps), or "
+                          "distill the cuts (--recover-steps, .pt2 models).")
+    c = res.chosen
+    tmp = _atomic.temp_dir(out)
+    try:
+        suffix = ".pt2" if g.backend == "fx" else ".onnx"
+        c.graph.save(tmp / f"model{suffix}")
+        shutil.copytree(c.artifact_dir, tmp / "build")
+        from .report import write_report
+        base = res.base
+        rows = [{"": "latency (ms)", "original": base.latency_ms, "compressed": c.latency_ms},
+                {"": "size on disk (MB)", "original": base.size_bytes / 1e6,
+                 "compressed": c.size_bytes / 1e6},
+                {"": "parameters", "original": base.params, "compressed": c.params}]
+        rows += [{"": n, "original": base.metrics[n], "compressed": c.metrics[n]}
+                 for n in base.metrics]
+        write_report(tmp / "report", model=args.model, front=res, before_after=rows,
+                     title=f"slimc compress: {args.model}")
+        _atomic.write_text(tmp / "compress.json", json.dumps(res.to_json(), indent=2,
+                                                                   default=str))
+        _atomic.replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(os.path.dirname(c.artifact_dir), ignore_errors=True)
+    print(f"slimc: wrote {out}/model{suffix} ({c.name}), {out}/build (compiled), "
+          f"{out}/report/index.html", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args)
@@ -547,6 +621,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("passes", help="list the registered passes")
     s.add_argument("--list", action="store_true", help="list passes (the default)")
     s.set_defaults(func=cmd_passes)
+
+    s = sub.add_parser("compress", help="search heads, FFN neurons, layers and int8 for a "
+                       "latency / accuracy budget, every candidate compiled and measured")
+    s.add_argument("model", help="model file (.onnx or .pt2)")
+    s.add_argument("--calib", required=True, metavar="DATA.npz",
+                   help="at least 4 input batches: per input an array (N, *input_shape); half "
+                   "score and quantize, half are held out for the agreement metric")
+    s.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder for model.onnx|.pt2, build/ (compiled), report/, compress.json")
+    s.add_argument("--max-drop", default="1%",
+                   help="largest relative loss of every metric (default 1%%)")
+    s.add_argument("--latency", metavar="FRACTION|MSms",
+                   help="latency budget: a fraction of the original build's (0.5) or ms (12ms)")
+    s.add_argument("--metric", action="append", choices=["agreement", "wordsim", "polarity"],
+                   help="agreement (default: cosine to the original on held-out calibration "
+                   "batches); wordsim / polarity: the demo's task metrics, for "
+                   "all-MiniLM-L6-v2-like sentence encoders (repeatable)")
+    s.add_argument("--precision", action="append", choices=["fp32", "int8"],
+                   help="precisions to build (repeatable; default both)")
+    s.add_argument("--recover-steps", type=int, default=0,
+                   help="distillation steps for each cut (.pt2 models only; 0: none)")
+    s.add_argument("--max-steps", type=int, default=12, help="cuts along the search path")
+    s.add_argument("--repeat", type=int, default=10, help="timed calls per candidate")
+    s.add_argument("--target", default="x86", help="x86 (this CPU) or a TVM llvm target")
+    s.add_argument("--report", metavar="DIR",
+                   help="where the report goes when no candidate meets the budget")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("demo", help="end-to-end demo on a real pretrained model")
     s.add_argument("--seq", type=int, default=128, help="sequence length")

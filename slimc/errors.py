@@ -60,3 +60,10 @@ class PassError(SlimcError):
 
 class ArtifactError(SlimcError):
     """A compiled artifact directory that is missing, incomplete or from another version."""
+
+
+class BudgetError(SlimcError):
+    """``slimc compress`` ran, but no candidate met the budget (exit code 3): the message names
+    the nearest candidates, and the report holds the whole front."""
+
+    exit_code = 3

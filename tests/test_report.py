@@ -201,8 +201,8 @@ def test_markdown_and_json_match_the_pass_report(bert_run):
         assert f"{row.parameters:,}" in md
     assert "![magnitude importance heatmap](heads.png)" in md
     # sections without data: one line, no table, listed in the JSON
-    assert set(data["not_measured"]) == {"before_after", "target", "tuning"}
-    assert md.count(MISSING) == 3 and html_text.count(MISSING) == 3
+    assert set(data["not_measured"]) == {"before_after", "front", "target", "tuning"}
+    assert md.count(MISSING) == 4 and html_text.count(MISSING) == 4
     assert data["tuning"] is None and "tuning-table" not in html_text
 
 
@@ -218,7 +218,7 @@ def test_rewrite_replaces_and_a_bad_row_leaves_the_old_report(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "report.json",
                                                          "report.md"]
     data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
-    assert data["model"] == "m2" and len(data["not_measured"]) == 7
+    assert data["model"] == "m2" and len(data["not_measured"]) == 8
 
 
 def test_tuning_and_target_sections(tmp_path):
@@ -254,7 +254,7 @@ def test_demo_report_tables(tmp_path):
                                                                   "y": [0.73, 0.71]}
     assert data["latency"]["series"]["torch (ms)"]["y"] == [200.0, 200.0]
     assert data["heads"]["scores"] == [[1.0, 2.0, 3.0], [0.5, 4.0, 2.5]]
-    assert data["not_measured"] == ["passes", "tuning"]
+    assert data["not_measured"] == ["passes", "front", "tuning"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +346,8 @@ def test_optimize_report_cli(bert_onnx, tmp_path, capsys):
     assert [p["name"] for p in data["passes"]["passes"]] == ["prune_heads", "cleanup"]
     assert np.array(data["heads"]["scores"]).shape == (2, 4)
     assert sum(map(len, data["heads"]["removed"].values())) == 2
-    assert set(data["not_measured"]) == {"before_after", "accuracy", "latency", "target",
-                                         "tuning"}
+    assert set(data["not_measured"]) == {"before_after", "accuracy", "latency", "front",
+                                         "target", "tuning"}
     _read_png(rep / "heads.png")
     md = (rep / "report.md").read_text(encoding="utf-8")
     assert "| prune_heads |" in md and "![magnitude importance heatmap](heads.png)" in md

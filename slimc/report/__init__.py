@@ -42,13 +42,14 @@ from .render import MISSING, Section, Table, to_html, to_markdown
 __all__ = ["MISSING", "PICTURES", "write_report"]
 
 # the pictures a report may hold; a rewrite removes those it no longer makes
-PICTURES = {"heads": "heads.png", "accuracy": "accuracy.png", "latency": "latency.png"}
+PICTURES = {"heads": "heads.png", "accuracy": "accuracy.png", "latency": "latency.png",
+            "front": "front.png"}
 
 
 def write_report(folder: str | os.PathLike, *, model: str, report=None, head_scores=None,
                  removed_heads: Mapping | None = None, score: str | None = None,
                  accuracy=None, latency=None, target=None, tuning=None,
-                 before_after: Sequence[Mapping] | None = None,
+                 before_after: Sequence[Mapping] | None = None, front=None,
                  title: str | None = None) -> dict[str, Path]:
     """Write ``index.html``, ``report.md``, ``report.json`` and the PNGs into ``folder``
     (created if needed; files of an earlier report there are replaced).
@@ -62,6 +63,9 @@ def write_report(folder: str | os.PathLike, *, model: str, report=None, head_sco
     :func:`slimc.codegen.host_cpu` returns, or a TVM Target. ``tuning``: a
     :class:`~slimc.codegen.tune.TuneSummary` (or its ``summary_json`` dict). ``before_after``:
     rows (dicts, the keys of the first are the columns) of a before/after comparison.
+    ``front``: a :class:`slimc.compress.CompressResult` (or its ``to_json()`` dict): every
+    candidate of the search in a table, and ``front.png``, latency against the worst relative
+    metric drop with the Pareto front joined and the chosen candidate ringed.
 
     Returns the paths written: ``{"html", "markdown", "json", <picture key>: png}``.
     """
@@ -89,6 +93,7 @@ def write_report(folder: str | os.PathLike, *, model: str, report=None, head_sco
               sections, data)
         _rows("latency", "Latency vs sparsity", "sparsity", "latency (ms)", latency, stage,
               sections, data)
+        _front(front, stage, sections, data)
         _target(target, sections, data)
         _tuning(tuning, sections, data)
         data["not_measured"] = [s.key for s in sections if not s.measured]
@@ -271,6 +276,46 @@ def _rows(key, title, default_x, y_label, rows, stage, sections, data) -> None:
     sections.append(Section(key, title, images=[(PICTURES[key], title)], tables=[table]))
     data[key] = {"file": PICTURES[key], "x": x, "rows": rows,
                  "series": {n: {"x": xs, "y": ys} for n, (xs, ys) in series.items()}}
+
+
+def _front(front, stage, sections, data) -> None:
+    key, title = "front", "Compression search: latency, size and accuracy"
+    if front is None:
+        return _missing(key, title, sections, data)
+    info = front.to_json() if hasattr(front, "to_json") else dict(front)
+    cands = info.get("candidates") or []
+    if not cands:
+        raise OptionError("The compression result holds no candidate.",
+                          "Give the result of slimc.compress (it measures at least the "
+                          "original).")
+    from .plots import front_plot
+    base = next((c for c in cands if not any(c["setting"].values())
+                 and c["precision"] == "fp32"), cands[0])
+    names = list(cands[0]["metrics"])
+    header = ["candidate", "latency (ms)", "speed-up", "size (MB)", "parameters",
+              *[f"{n} (drop)" for n in names], "front"]
+    rows = []
+    for c in sorted(cands, key=lambda c: c["latency_ms"]):
+        cells = []
+        for n in names:
+            iv = (c.get("intervals") or {}).get(n)
+            ci = f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""
+            cells.append(f"{c['metrics'][n]:.4f}{ci} ({-c['drops'][n]:+.1%})")
+        rows.append([c["name"], f"{c['latency_ms']:.2f}",
+                     f"{base['latency_ms'] / c['latency_ms']:.2f}x",
+                     f"{c['size_bytes'] / 1e6:.1f}", _cell(c["params"]), *cells,
+                     "chosen" if c["chosen"] else ("yes" if c["front"] else "")])
+    front_plot(stage(PICTURES[key]), cands, max_drop=info.get("max_drop"),
+               latency_ms=info.get("latency_ms"))
+    text = [f"Budget: every metric within {info['max_drop']:.1%} of the original"
+            + (f", latency at most {info['latency_ms']:.2f} ms" if info.get("latency_ms")
+               else "") + f". Result: {info['reason']}."
+            + (f" Search time {info['seconds']:.0f} s" if info.get("seconds") else "")
+            + (f" on {info['cpu']}." if info.get("cpu") else "")]
+    sections.append(Section(key, title, text=text, images=[(PICTURES[key], title)],
+                            tables=[Table(header, rows, right=set(range(1, len(header) - 1)),
+                                          id="front-table")]))
+    data[key] = dict(info, file=PICTURES[key])
 
 
 def _target(target, sections, data) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..passes.prune_heads.report import heatmap
 
-__all__ = ["heatmap", "line_plot"]
+__all__ = ["front_plot", "heatmap", "line_plot"]
 
 
 def line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -48,5 +48,41 @@ def line_plot(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequ
     ax.grid(True, alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def front_plot(path: str | Path, candidates: Sequence[Mapping], *, max_drop: float | None = None,
+               latency_ms: float | None = None) -> None:
+    """The compression search: latency (x) against the worst relative metric drop (y), one
+    marker per precision, the Pareto front joined, the chosen candidate ringed, the budgets as
+    dashed lines."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    for prec, marker in (("fp32", "o"), ("int8", "s")):
+        pts = [c for c in candidates if c["precision"] == prec]
+        if pts:
+            ax.scatter([c["latency_ms"] for c in pts], [c["worst_drop"] for c in pts],
+                       marker=marker, s=28, alpha=0.75, label=prec)
+    front = sorted((c for c in candidates if c["front"]), key=lambda c: c["latency_ms"])
+    if front:
+        ax.plot([c["latency_ms"] for c in front], [c["worst_drop"] for c in front], "-",
+                color="0.4", linewidth=1, label="Pareto front")
+    for c in candidates:
+        if c.get("chosen"):
+            ax.scatter([c["latency_ms"]], [c["worst_drop"]], s=160, facecolors="none",
+                       edgecolors="red", linewidths=1.6, label=f"chosen: {c['name']}")
+    if max_drop is not None:
+        ax.axhline(max_drop, color="red", linestyle="--", linewidth=0.8, alpha=0.6)
+    if latency_ms:
+        ax.axvline(latency_ms, color="red", linestyle="--", linewidth=0.8, alpha=0.6)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
+    ax.set_xlabel("latency (ms, compiled, this machine)")
+    ax.set_ylabel("worst relative metric drop")
+    ax.set_title("Compression search", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
