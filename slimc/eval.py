@@ -39,6 +39,7 @@ usually much narrower than either's; bootstrap the difference with shared indice
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -249,6 +250,71 @@ def lee_background(limit: int | None = None) -> list[str]:
     lines = [s.strip() for s in (_gensim_data() / "lee_background.cor").read_text(
         encoding="latin-1").splitlines() if s.strip()]
     return lines[:limit] if limit else lines
+
+
+_WIKI = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+@functools.lru_cache(maxsize=1)
+def wiki_text() -> tuple[str, ...]:
+    """Unlabelled English prose for distillation: the paragraphs (of 20 words or more) of the
+    106 articles in the shortened Wikipedia dump gensim's tests ship (``enwiki-latest-pages-
+    articles1.xml-...-shortened.bz2``), markup
+    removed with gensim's own ``filter_wiki``: about 4,800 paragraphs, 400,000 words. Not
+    related to any evaluation set (WordSim / SimLex words occur in it as words of any text
+    do; none of the polarity, ``lee.cor`` or held-out sentences)."""
+    import bz2
+    _need("gensim", "gensim")
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    out = []
+    with bz2.BZ2File(_gensim_data() / _WIKI) as f:
+        for _title, text, _pid in extract_pages(f):
+            if not text or text.lstrip().lower().startswith("#redirect"):
+                continue
+            for para in filter_wiki(text).split("\n"):
+                para = re.sub(r"\s+", " ", para.replace("'''", "").replace("''", "")).strip()
+                if len(para.split()) >= 20 and not para.startswith(("*", "|", "!", "{", "=")):
+                    out.append(para)
+    return tuple(out)
+
+
+def distill_batches(tok, seq: int, n: int, *, seed: int = 0, short: float = 0.5,
+                    source: str = "wiki") -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` single-example batches ``(input_ids, attention_mask)`` of shape ``(1, seq)`` for
+    distillation: spans of unlabelled text (``source="wiki"``: :func:`wiki_text`;
+    ``"lee"``: :func:`lee_background`) cut at random places. A fraction ``1 - short`` of them
+    fill the whole sequence (every position a real token: the most signal a step can carry);
+    the rest are 3 to 40 tokens long and padded, like the short sentences and single words the
+    metrics embed. Deterministic for a seed."""
+    if source not in ("wiki", "lee"):
+        raise OptionError(f"Unknown distillation text {source!r}.", "Use 'wiki' or 'lee'.")
+    if not 0 <= short <= 1:
+        raise OptionError(f"short={short!r} is not a fraction.", "Give e.g. short=0.5.")
+    texts = wiki_text() if source == "wiki" else tuple(lee_background())
+    ids = _token_stream(tok, texts)
+    rng = np.random.default_rng(seed)
+    cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+    out = []
+    for i in range(int(n)):
+        length = seq - 2 if rng.random() >= short else int(rng.integers(1, min(39, seq - 2) + 1))
+        start = int(rng.integers(0, len(ids) - length))
+        row = np.full((1, seq), pad, dtype=np.int64)
+        row[0, :length + 2] = [cls, *ids[start:start + length], sep]
+        mask = np.zeros((1, seq), dtype=np.int64)
+        mask[0, :length + 2] = 1
+        out.append((row, mask))
+    return out
+
+
+def _token_stream(tok, texts) -> np.ndarray:
+    key = (id(tok), hash(texts))
+    if _TOKENS.get("key") != key:
+        enc = tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        _TOKENS.update(key=key, ids=np.fromiter((t for row in enc for t in row), np.int64))
+    return _TOKENS["ids"]
+
+
+_TOKENS: dict = {}
 
 
 def _lee_documents() -> list[str]:

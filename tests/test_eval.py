@@ -221,3 +221,30 @@ def test_demo_report_keeps_values_numeric_and_intervals_as_text(tmp_path):
     assert series["agreement with original (cos)"]["y"] == [1.0, 0.97]
     assert data["accuracy"]["rows"][1]["WordSim-353 Spearman 95 % CI"] == "[0.650, 0.760]"
     assert "WordSim-353 Spearman 95 % CI" not in series
+
+
+def test_wiki_text_is_clean_prose_disjoint_from_the_evaluation_text():
+    paras = ev.wiki_text()
+    assert len(paras) > 4000 and sum(len(p.split()) for p in paras) > 300_000
+    assert not any(p.startswith(("{{", "[[", "|", "*")) for p in paras)
+    assert sum("[[" in p or "{{" in p or "'''" in p for p in paras) < 0.01 * len(paras)
+    corpus = " ".join(paras)
+    texts, _ = ev.polarity()
+    held = ev.heldout_text(145)
+    assert not any(t in corpus for t in texts + held if len(t) > 40)
+
+
+def test_distill_batches_shapes_lengths_and_determinism():
+    tok, _ = ev.load_minilm()
+    a = ev.distill_batches(tok, 64, 40, seed=3)
+    b = ev.distill_batches(tok, 64, 40, seed=3)
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a, b))
+    lengths = np.array([m.sum() for _, m in a])
+    assert all(ids.shape == m.shape == (1, 64) for ids, m in a)
+    assert (lengths == 64).sum() >= 10 and (lengths <= 41).sum() >= 10  # full and short
+    for ids, m in a:
+        n = int(m.sum())
+        assert ids[0, 0] == tok.cls_token_id and ids[0, n - 1] == tok.sep_token_id
+        assert (ids[0, n:] == tok.pad_token_id).all() and (m[0, :n] == 1).all()
+    with pytest.raises(OptionError, match="distillation text"):
+        ev.distill_batches(tok, 64, 2, source="imdb")
