@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up slimc on a fresh machine: a virtual environment in .venv with slimc and its pinned
-# dependencies. `./setup.sh --test` also installs what the test suite needs.
+# Set up slimc on a fresh machine: a virtual environment in .venv with slimc and the exact
+# dependency versions of constraints.txt. `./setup.sh --test` also installs what the test suite
+# needs.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
@@ -14,7 +15,9 @@ if [ "${1:-}" = "--test" ]; then
     extras="demo,test"
 fi
 echo "setup: installing slimc[$extras] (torch CPU build, TVM, onnx, onnxruntime) ..." >&2
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+# constraints.txt: the exact versions CI uses, inside pyproject.toml's ranges
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+    -e ".[$extras]"
 if [ "${1:-}" = "--test" ]; then
     # tests/test_arm.py: qemu-user, the aarch64 cross compiler and an aarch64 sysroot with
     # numpy + TVM's runtime in .cache/arm-sysroot (a no-op once built; apt-get update at most once)
