@@ -50,6 +50,29 @@ def test_onnx_teacher_and_kl_loss(setup):
     assert r.last_stats["loss_last"] < r.last_stats["loss_first"]
 
 
+def _cos_gap(student, teacher, batches) -> float:
+    """Mean 1 − cosine between the two models' output rows on ``batches``."""
+    out = []
+    for x in batches:
+        a, b = student.run(*x)[0], teacher.run(*x)[0]
+        a = a.reshape(-1, a.shape[-1])
+        b = b.reshape(-1, b.shape[-1])
+        out.append(np.mean(1 - (a * b).sum(-1) / (np.linalg.norm(a, axis=-1)
+                                                  * np.linalg.norm(b, axis=-1))))
+    return float(np.mean(out))
+
+
+def test_cosine_loss_closes_the_angle_and_progress_reports(setup):
+    g, pruned, data, held_out = setup
+    seen = []
+    r = slimc.recover(pruned, teacher=g, data=data, steps=40, lr=1e-3, loss="cosine",
+                      progress=lambda step, steps, mean: seen.append((step, steps, mean)))
+    assert r.last_stats["loss_last"] < 0.5 * r.last_stats["loss_first"]
+    assert _cos_gap(r, g, held_out) < 0.5 * _cos_gap(pruned, g, held_out)
+    assert [s for s, _, _ in seen] == list(range(4, 41, 4)) and seen[-1][1] == 40
+    assert seen[-1][2] < seen[0][2]  # the mean loss of the last tenth fell
+
+
 def test_frozen_parameters_stay(setup):
     g, pruned, data, _ = setup
     r = slimc.recover(pruned, teacher=g, data=data, steps=3, lr=1e-3,

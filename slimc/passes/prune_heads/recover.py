@@ -6,7 +6,9 @@ every float output:
 
 * ``"mse"`` (default): mean squared error to the teacher's output (hidden states,
   embeddings);
-* ``"kl"``: KL(softmax(t/T) ‖ softmax(s/T)) · T² over the last axis (logits, Hinton et al.).
+* ``"kl"``: KL(softmax(t/T) ‖ softmax(s/T)) · T² over the last axis (logits, Hinton et al.);
+* ``"cosine"``: mean of 1 − cos(s, t) over the last axis (embeddings compared by cosine, e.g.
+  L2-normalised sentence embeddings, whose squared errors are tiny whatever the angle).
 
 With ``hidden=True`` (layer-mapped distillation, TinyBERT / MiniLM style) the student also
 learns the teacher's hidden states: the output of each of its Transformer layers
@@ -67,10 +69,35 @@ def _distill_loss(s, t, loss: str, temperature: float):
     import torch
     if loss == "mse":
         return torch.nn.functional.mse_loss(s, t)
+    if loss == "cosine":
+        return (1 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)).mean()
     log_p = torch.log_softmax(s / temperature, dim=-1)
     q = torch.softmax(t / temperature, dim=-1)
     return torch.nn.functional.kl_div(log_p.reshape(-1, s.shape[-1]), q.reshape(-1, s.shape[-1]),
                                       reduction="batchmean") * temperature ** 2
+
+
+def _progress_reporter(progress, steps: int):
+    """``progress`` as a function of (step, losses so far), or None."""
+    if not progress:
+        return None
+    import sys
+    import time
+    every = max(1, steps // 10)
+    state = {"last": 0, "t0": time.perf_counter()}
+
+    def report(step: int, losses: list) -> None:
+        if step % every and step != steps:
+            return
+        recent = losses[state["last"]:step]
+        mean = float(np.mean(recent)) if recent else float("nan")
+        state["last"] = step
+        if callable(progress):
+            progress(step, steps, mean)
+        else:
+            print(f"      recover: step {step}/{steps}, loss {mean:.4g}, "
+                  f"{time.perf_counter() - state['t0']:.0f} s", file=sys.stderr, flush=True)
+    return report
 
 
 def _hidden_pairs(student: Graph, teacher) -> list[tuple[str, str]]:
@@ -116,7 +143,7 @@ def _teacher_hidden(teacher: Graph, values: list[str], batches) -> list[list]:
 
 def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
             loss: str = "mse", temperature: float = 1.0, freeze=(), seed: int = 0,
-            hidden: bool = False, hidden_weight: float = 1.0) -> Graph:
+            hidden: bool = False, hidden_weight: float = 1.0, progress=False) -> Graph:
     """Fine-tune ``pruned`` (an FX :class:`slimc.Graph` or ``torch.fx.GraphModule``) to match
     ``teacher``'s outputs on ``data`` for ``steps`` Adam steps (cycling through the batches).
     Parameters whose name contains one of the ``freeze`` strings (e.g. ``("embeddings",)``)
@@ -124,6 +151,10 @@ def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
 
     ``hidden=True``: also match each Transformer layer's output to the teacher's layer of the
     same name (see the module docstring), weighted ``hidden_weight``.
+
+    ``progress``: True prints the step, the mean loss of the last tenth and the time to stderr
+    ten times in a run; a callable gets ``(step, steps, mean loss of the steps since its last
+    call)`` instead.
 
     Returns a new Graph (``history`` gains ``"recover"``; ``last_stats`` holds the first and last
     distillation loss and the per-step losses, and with ``hidden`` the layers matched). Raises :class:`~slimc.errors.UnsupportedError`
@@ -146,9 +177,10 @@ def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 \
             or not math.isfinite(lr):
         raise OptionError(f"lr must be a positive number, got {lr!r}.", "Pass e.g. lr=1e-4.")
-    if loss not in ("mse", "kl"):
+    if loss not in ("mse", "kl", "cosine"):
         raise OptionError(f"Unknown distillation loss {loss!r}.",
-                          "Use loss='mse' (hidden states) or 'kl' (logits).")
+                          "Use loss='mse' (hidden states), 'kl' (logits) or 'cosine' "
+                          "(embeddings).")
     if not temperature > 0:
         raise OptionError(f"temperature must be positive, got {temperature!r}.",
                           "Pass e.g. temperature=2.0.")
@@ -181,6 +213,7 @@ def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
     opt = torch.optim.Adam(params, lr=float(lr))
     torch.manual_seed(seed)
     losses = []
+    report = _progress_reporter(progress, int(steps))
     with torch.enable_grad():
         for step in range(int(steps)):
             i = step % len(batches)
@@ -206,6 +239,8 @@ def recover(pruned, /, *, teacher, data, steps: int = 100, lr: float = 1e-4,
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(float(value.detach()))
+            if report is not None:
+                report(step + 1, losses)
     for p in params:
         p.requires_grad_(False)
     result.history = list(student_in.history) + ["recover"]
