@@ -5,8 +5,9 @@
 
 The real model at batch 1 and the given sequence length, captured with torch.export; the budget
 is on the demo's task metrics computed on each *compiled* candidate (WordSim-353 Spearman and
-the polarity probe, each with its 95 % bootstrap interval); calibration (scoring, quantization,
-distillation) reads the first 16 sentences of ``lee_background.cor``, never the evaluation data.
+the polarity probe, each with its 95 % bootstrap interval); calibration (scoring,
+quantization) reads the first 16 sentences of ``lee_background.cor``; distillation
+(``--recover-steps``) spans of the Wikipedia text in gensim's test data; never the evaluation data.
 Printed: the sensitivity, every candidate (latency re-measured in interleaved rounds in the
 same run, size of the artifact on disk, parameters, metrics), the chosen one, the speed-up over
 the unpruned fp32 and int8 builds, and the agreement of the chosen model with the original on
@@ -33,7 +34,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-drop", type=float, default=0.01)
     p.add_argument("--latency", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=12)
-    p.add_argument("--recover-steps", type=int, default=0)
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="layer-mapped distillation steps for every cut, on Wikipedia text "
+                   "(slimc.eval.distill_batches)")
+    p.add_argument("--recover-loss", default="mse", choices=["mse", "cosine"])
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--calib", type=int, default=16)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--report", default=None)
@@ -52,7 +57,10 @@ def main(argv=None) -> int:
     metrics = minilm_metrics(seq=args.seq, batch=1)
     res = slimc.compress(g, calib=calib, metrics=metrics, max_drop=args.max_drop,
                          latency=args.latency, max_steps=args.max_steps,
-                         recover_steps=args.recover_steps, repeat=args.repeat)
+                         recover_steps=args.recover_steps, repeat=args.repeat,
+                         recover_data=(ev.distill_batches(tok, args.seq, args.recover_steps)
+                                       if args.recover_steps else None),
+                         recover_options={"loss": args.recover_loss, "lr": args.lr})
     print(f"\nall-MiniLM-L6-v2, batch 1, sequence {args.seq}; budget: every metric within "
           f"{args.max_drop:.1%}" + (f", latency ≤ {args.latency:g}x" if args.latency else "")
           + f"; recover steps {args.recover_steps}; CPU {cpu['cpu']} ({cpu['cores']} cores)")

@@ -509,6 +509,10 @@ def cmd_compress(args) -> int:
     return 0
 
 
+# the demo's default recipe (README, "The demo")
+DEMO = {"drop": 2, "prune": 0.25, "ffn": 0.5, "recover_steps": 1000, "loss": "mse"}
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args)
@@ -654,11 +658,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq", type=int, default=128, help="sequence length")
     s.add_argument("--repeat", type=int, default=20,
                    help="timing rounds (original and slimc alternate in each)")
-    s.add_argument("--prune", type=float, default=0.2, help="fraction of heads to remove")
+    s.add_argument("--drop", type=int, default=DEMO["drop"],
+                   help="Transformer layers to drop, by block influence (default %(default)s)")
+    s.add_argument("--prune", type=float, default=DEMO["prune"],
+                   help="fraction of heads to remove (default %(default)s)")
     s.add_argument("--score", default="magnitude", choices=["magnitude", "taylor", "attention"])
-    s.add_argument("--recover-steps", type=int, default=0,
-                   help="distillation steps after pruning (0: none)")
+    s.add_argument("--ffn", type=float, default=DEMO["ffn"],
+                   help="fraction of FFN neurons to remove (default %(default)s)")
+    s.add_argument("--recover-steps", type=int, default=DEMO["recover_steps"],
+                   help="layer-mapped distillation steps after pruning (0: none; default "
+                   "%(default)s)")
+    s.add_argument("--loss", default=DEMO["loss"], choices=["mse", "cosine"],
+                   help="distillation loss on the embedding (default %(default)s)")
     s.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+    s.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="keep fp32 (default: int8 after distillation)")
     s.add_argument("--report", metavar="DIR",
                    help="write index.html, report.md, report.json and plots here")
     s.set_defaults(func=cmd_demo)

@@ -325,7 +325,8 @@ def _allocate(sens: Sequence[float], ratio: float, cap: float) -> np.ndarray:
 
 class _Search:
     def __init__(self, graph, calib, metrics, target, input_shapes, precisions, space,
-                 recover_steps, recover_data, repeat, workdir, verbose):
+                 recover_steps, recover_data, repeat, workdir, verbose, recover_options=None):
+        self.recover_options = dict(recover_options or {})
         self.graph, self.target, self.input_shapes = graph, target, input_shapes
         self.precisions, self.space, self.repeat = precisions, space, repeat
         self.recover_steps, self.verbose = recover_steps, verbose
@@ -421,7 +422,7 @@ class _Search:
             scores = head_scores(g, "magnitude")
             heads = {}
             for b, r in zip(blocks, ratios):
-                k = min(int(round(r * b.num_heads)), b.num_heads - 1)
+                k = min(round(float(r) * b.num_heads), b.num_heads - 1)
                 if k:
                     heads[b.layer] = sorted(np.argsort(scores[b.layer], kind="stable")[:k]
                                             .tolist())
@@ -453,9 +454,13 @@ class _Search:
         from . import passes, runtime
         if self.recover_steps and s != Setting():
             self.say(f"{s.label()}: distilling ({self.recover_steps} steps) ...")
+            opts = {"freeze": ("embeddings",), "hidden": True, "progress": self.verbose,
+                    **self.recover_options}
             g = slimc.recover(g, teacher=self.graph, data=self.recover_data,
-                              steps=self.recover_steps, freeze=("embeddings",), hidden=True)
-            steps = steps + [("recover", {"steps": self.recover_steps, "hidden": True})]
+                              steps=self.recover_steps, **opts)
+            steps = steps + [("recover", {"steps": self.recover_steps,
+                                          **{k: v for k, v in opts.items()
+                                             if k != "progress"}})]
         out = []
         for prec in self.precisions:
             if prec == "int8":
@@ -532,6 +537,7 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
              latency_ms: float | None = None, target="x86",
              input_shapes: dict | None = None, precisions: Sequence[str] = PRECISIONS,
              space: Space | None = None, recover_steps: int = 0, recover_data=None,
+             recover_options: Mapping | None = None,
              max_steps: int = 12, slack: float = 0.05, repeat: int = 10,
              workdir: str | None = None, verbose: bool = True) -> CompressResult:
     """Search structured cuts (layers, FFN neurons, heads) × precisions for the fastest
@@ -543,8 +549,11 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
     largest relative loss of every metric, in [0, 1). ``latency``: a budget as a fraction of
     the original fp32 build's latency (or ``latency_ms`` in milliseconds). ``precisions``:
     some of ``"fp32"``, ``"int8"``. ``recover_steps``: layer-mapped distillation
-    (:func:`slimc.recover` with ``hidden=True``) of every cut before it is compiled (FX graphs
-    only; about a second a step for MiniLM at sequence 128 on 2 cores). ``workdir``: where the
+    (:func:`slimc.recover` with ``hidden=True``, embeddings frozen; ``recover_options`` adds or
+    overrides its options, e.g. ``{"loss": "cosine", "lr": 1e-4}``) of every cut before it is
+    compiled, on ``recover_data`` (default: the scoring half of ``calib``; give more, e.g.
+    :func:`slimc.eval.distill_batches`) — FX graphs only; about 0.15 s a step for a cut MiniLM
+    at sequence 128 on 2 cores. ``workdir``: where the
     candidates' artifacts go (default: a new temporary folder, removed except for the chosen
     one's; the caller owns it).
 
@@ -581,7 +590,7 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
     os.makedirs(workdir, exist_ok=True)
     search = _Search(graph, calib, dict(metrics) if metrics else None, target, input_shapes,
                      precisions, space or Space(), recover_steps,
-                     recover_data, repeat, workdir, verbose)
+                     recover_data, repeat, workdir, verbose, recover_options)
     if not search.what and precisions == ("fp32",):
         raise UnsupportedError("compress found nothing to cut: no Transformer layers, FFN "
                                "blocks or attention heads, and no precision but fp32.",
