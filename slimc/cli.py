@@ -510,7 +510,7 @@ def cmd_compress(args) -> int:
 
 
 # the demo's default recipe (README, "The demo")
-DEMO = {"drop": 2, "prune": 0.25, "ffn": 0.5, "recover_steps": 1000, "loss": "mse"}
+DEMO = {"drop": 1, "prune": 0.25, "ffn": 0.25, "recover_steps": 1000, "loss": "mse"}
 
 
 def cmd_demo(args) -> int:
