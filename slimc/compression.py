@@ -21,8 +21,9 @@ How (NetAdapt-style, Yang et al. 2018, with the compiled model in the loop):
    the least deviation per multiply-add removed. The step taken is compiled in every requested
    precision (fp32; int8 = ``quantize`` + ``fold_fake_quant`` on the first half of ``calib``),
    its latency measured on this machine and its metrics computed *on the compiled artifact*.
-   The path stops when every precision's worst metric drop passes ``max_drop + slack``, when
-   nothing is left to cut, or after ``max_steps``.
+   A step whose every precision loses more than ``max_drop`` stays in the results (it draws
+   the front beyond the budget), but the path goes back to where it was and stops cutting that
+   structure; it goes on with the others until none is left or after ``max_steps`` steps.
 3. **Front**: all candidates are timed again at the end in interleaved rounds (the same run,
    a pause before every call) and the Pareto front of (latency, size on disk, worst relative
    metric drop) is marked. The chosen candidate is the fastest one within ``max_drop`` (and,
@@ -491,6 +492,11 @@ class _Search:
         return out
 
 
+def _kind(cur: Setting, mv: Setting) -> str:
+    """Which structure the move ``cur`` → ``mv`` cuts."""
+    return "layers" if mv.drop != cur.drop else ("ffn" if mv.ffn != cur.ffn else "heads")
+
+
 def _dir_size(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
@@ -538,7 +544,7 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
              input_shapes: dict | None = None, precisions: Sequence[str] = PRECISIONS,
              space: Space | None = None, recover_steps: int = 0, recover_data=None,
              recover_options: Mapping | None = None,
-             max_steps: int = 12, slack: float = 0.05, repeat: int = 10,
+             max_steps: int = 12, repeat: int = 10,
              workdir: str | None = None, verbose: bool = True) -> CompressResult:
     """Search structured cuts (layers, FFN neurons, heads) × precisions for the fastest
     compiled model within ``max_drop`` (see the module docstring for the method).
@@ -621,10 +627,13 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
     _progress_bar(len(cands), total, t0, f"original: {base.latency_ms:.2f} ms")
     cur_proxy, cur_macs = 0.0, search.macs(graph)
     dense_macs = cur_macs
-    for step in range(max_steps):
-        moves = search.space.moves(cur, search.L, search.what)
+    blocked: set[str] = set()  # kinds of cut that went over the budget from the path's point
+    for _ in range(max_steps):
+        moves = [mv for mv in search.space.moves(cur, search.L, search.what)
+                 if _kind(cur, mv) not in blocked]
         if not moves:
-            search.say("nothing left to cut in the search space")
+            search.say("nothing left to cut: every kind of cut is exhausted or over the "
+                       "budget")
             break
         best = None
         for mv in moves:
@@ -636,16 +645,19 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
                        f"{mc / dense_macs:.0%} of the original")
             if best is None or cost < best[0]:
                 best = (cost, mv, gm, st, p, mc)
-        _, cur, g, steps, cur_proxy, cur_macs = best
-        new = search.compile_and_measure(cur, g, steps, cur_proxy, base)
+        _, mv, g, steps, p, mc = best
+        new = search.compile_and_measure(mv, g, steps, p, base)
         cands += new
         worst = min(c.worst_drop for c in new)
         _progress_bar(len(cands), total, t0, " | ".join(
             f"{c.name} {c.latency_ms:.2f} ms, worst drop {c.worst_drop:+.1%}" for c in new))
-        if worst > max_drop + slack:
-            search.say(f"stopping: every precision of {cur.label()} loses more than "
-                       f"{max_drop + slack:.1%} (the budget + slack)")
-            break
+        if worst > max_drop:
+            kind = _kind(cur, mv)
+            blocked.add(kind)
+            search.say(f"{mv.label()} is over the budget in every precision (worst drop "
+                       f"{worst:+.1%}): no more {kind} cuts; back to {cur.label()}")
+            continue
+        cur, cur_proxy, cur_macs = mv, p, mc
 
     search.say(f"timing all {len(cands)} candidates again, interleaved ...")
     _interleaved(cands, search.scoring[0], repeat)
