@@ -594,118 +594,123 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="slimc-compress-")
     os.makedirs(workdir, exist_ok=True)
-    search = _Search(graph, calib, dict(metrics) if metrics else None, target, input_shapes,
-                     precisions, space or Space(), recover_steps,
-                     recover_data, repeat, workdir, verbose, recover_options)
-    if not search.what and precisions == ("fp32",):
-        raise UnsupportedError("compress found nothing to cut: no Transformer layers, FFN "
-                               "blocks or attention heads, and no precision but fp32.",
-                               "Check graph.transformer_layers() / ffn_blocks() / "
-                               "attention_blocks(), or add precisions=('fp32', 'int8').")
-    from .codegen.targets import host_cpu
-    cpu = host_cpu().get("cpu", "") if str(target) == "x86" else str(target)
-    total = len(search.precisions) * (1 + max_steps)
-    search.say(f"{search.L} layers; cutting {', '.join(sorted(search.what)) or 'nothing'}; "
-               f"precisions {', '.join(search.precisions)}; metrics "
-               f"{', '.join(search.metrics)}; budget: drop ≤ {max_drop:.1%}"
-               + (f", latency ≤ {latency:g}x" if latency else "")
-               + (f", latency ≤ {latency_ms:g} ms" if latency_ms else ""))
-    search.say("sensitivity of each layer (uncompiled, 1 − cos to the original) ...")
-    sens = search.sensitivity()
-    for kind, vals in sens.items():
-        text = f"{vals:.4f}" if isinstance(vals, float) else " ".join(f"{v:.4f}" for v in vals)
-        search.say(f"  {kind:7s} {text}")
+    try:
+        search = _Search(graph, calib, dict(metrics) if metrics else None, target, input_shapes,
+                         precisions, space or Space(), recover_steps,
+                         recover_data, repeat, workdir, verbose, recover_options)
+        if not search.what and precisions == ("fp32",):
+            raise UnsupportedError("compress found nothing to cut: no Transformer layers, FFN "
+                                   "blocks or attention heads, and no precision but fp32.",
+                                   "Check graph.transformer_layers() / ffn_blocks() / "
+                                   "attention_blocks(), or add precisions=('fp32', 'int8').")
+        from .codegen.targets import host_cpu
+        cpu = host_cpu().get("cpu", "") if str(target) == "x86" else str(target)
+        total = len(search.precisions) * (1 + max_steps)
+        search.say(f"{search.L} layers; cutting {', '.join(sorted(search.what)) or 'nothing'}; "
+                   f"precisions {', '.join(search.precisions)}; metrics "
+                   f"{', '.join(search.metrics)}; budget: drop ≤ {max_drop:.1%}"
+                   + (f", latency ≤ {latency:g}x" if latency else "")
+                   + (f", latency ≤ {latency_ms:g} ms" if latency_ms else ""))
+        search.say("sensitivity of each layer (uncompiled, 1 − cos to the original) ...")
+        sens = search.sensitivity()
+        for kind, vals in sens.items():
+            text = f"{vals:.4f}" if isinstance(vals, float) else " ".join(f"{v:.4f}" for v in vals)
+            search.say(f"  {kind:7s} {text}")
 
-    cands: list[Candidate] = []
-    cur = Setting()
-    g, steps = search.build(cur, sens)
-    cands += search.compile_and_measure(cur, g, steps, 0.0, None)
-    base = cands[0]
-    for c in cands:  # the int8 original's drops against the fp32 original
-        c.drops = {n: (base.metrics[n] - v) / abs(base.metrics[n]) if base.metrics[n] else 0.0
-                   for n, v in c.metrics.items()}
-    _progress_bar(len(cands), total, t0, f"original: {base.latency_ms:.2f} ms")
-    cur_proxy, cur_macs = 0.0, search.macs(graph)
-    dense_macs = cur_macs
-    blocked: set[str] = set()  # kinds of cut that went over the budget from the path's point
-    for _ in range(max_steps):
-        moves = [mv for mv in search.space.moves(cur, search.L, search.what)
-                 if _kind(cur, mv) not in blocked]
-        if not moves:
-            search.say("nothing left to cut: every kind of cut is exhausted or over the "
-                       "budget")
-            break
-        best = None
-        for mv in moves:
-            gm, st = search.build(mv, sens)
-            p, mc = search.proxy(gm), search.macs(gm)
-            gain = max(cur_macs - mc, 1e-9) / dense_macs
-            cost = (p - cur_proxy) / gain
-            search.say(f"  proposal {mv.label():28s} deviation {p:.4f}, MACs "
-                       f"{mc / dense_macs:.0%} of the original")
-            if best is None or cost < best[0]:
-                best = (cost, mv, gm, st, p, mc)
-        _, mv, g, steps, p, mc = best
-        new = search.compile_and_measure(mv, g, steps, p, base)
-        cands += new
-        worst = min(c.worst_drop for c in new)
-        _progress_bar(len(cands), total, t0, " | ".join(
-            f"{c.name} {c.latency_ms:.2f} ms, worst drop {c.worst_drop:+.1%}" for c in new))
-        if worst > max_drop:
-            kind = _kind(cur, mv)
-            blocked.add(kind)
-            search.say(f"{mv.label()} is over the budget in every precision (worst drop "
-                       f"{worst:+.1%}): no more {kind} cuts; back to {cur.label()}")
-            continue
-        cur, cur_proxy, cur_macs = mv, p, mc
+        cands: list[Candidate] = []
+        cur = Setting()
+        g, steps = search.build(cur, sens)
+        cands += search.compile_and_measure(cur, g, steps, 0.0, None)
+        base = cands[0]
+        for c in cands:  # the int8 original's drops against the fp32 original
+            c.drops = {n: (base.metrics[n] - v) / abs(base.metrics[n]) if base.metrics[n] else 0.0
+                       for n, v in c.metrics.items()}
+        _progress_bar(len(cands), total, t0, f"original: {base.latency_ms:.2f} ms")
+        cur_proxy, cur_macs = 0.0, search.macs(graph)
+        dense_macs = cur_macs
+        blocked: set[str] = set()  # kinds of cut that went over the budget from the path's point
+        for _ in range(max_steps):
+            moves = [mv for mv in search.space.moves(cur, search.L, search.what)
+                     if _kind(cur, mv) not in blocked]
+            if not moves:
+                search.say("nothing left to cut: every kind of cut is exhausted or over the "
+                           "budget")
+                break
+            best = None
+            for mv in moves:
+                gm, st = search.build(mv, sens)
+                p, mc = search.proxy(gm), search.macs(gm)
+                gain = max(cur_macs - mc, 1e-9) / dense_macs
+                cost = (p - cur_proxy) / gain
+                search.say(f"  proposal {mv.label():28s} deviation {p:.4f}, MACs "
+                           f"{mc / dense_macs:.0%} of the original")
+                if best is None or cost < best[0]:
+                    best = (cost, mv, gm, st, p, mc)
+            _, mv, g, steps, p, mc = best
+            new = search.compile_and_measure(mv, g, steps, p, base)
+            cands += new
+            worst = min(c.worst_drop for c in new)
+            _progress_bar(len(cands), total, t0, " | ".join(
+                f"{c.name} {c.latency_ms:.2f} ms, worst drop {c.worst_drop:+.1%}" for c in new))
+            if worst > max_drop:
+                kind = _kind(cur, mv)
+                blocked.add(kind)
+                search.say(f"{mv.label()} is over the budget in every precision (worst drop "
+                           f"{worst:+.1%}): no more {kind} cuts; back to {cur.label()}")
+                continue
+            cur, cur_proxy, cur_macs = mv, p, mc
 
-    search.say(f"timing all {len(cands)} candidates again, interleaved ...")
-    _interleaved(cands, search.scoring[0], repeat)
-    _mark_front(cands)
-    budget_ms = latency_ms if latency_ms is not None else (
-        latency * base.latency_ms if latency is not None else None)
-    ok = [c for c in cands if c.worst_drop <= max_drop
-          and (budget_ms is None or c.latency_ms <= budget_ms)]
-    if ok:
-        if budget_ms is None:
-            chosen = min(ok, key=lambda c: (c.latency_ms, c.worst_drop))
-            reason = (f"the fastest candidate whose every metric is within {max_drop:.1%} of "
-                      "the original")
+        search.say(f"timing all {len(cands)} candidates again, interleaved ...")
+        _interleaved(cands, search.scoring[0], repeat)
+        _mark_front(cands)
+        budget_ms = latency_ms if latency_ms is not None else (
+            latency * base.latency_ms if latency is not None else None)
+        ok = [c for c in cands if c.worst_drop <= max_drop
+              and (budget_ms is None or c.latency_ms <= budget_ms)]
+        if ok:
+            if budget_ms is None:
+                chosen = min(ok, key=lambda c: (c.latency_ms, c.worst_drop))
+                reason = (f"the fastest candidate whose every metric is within {max_drop:.1%} of "
+                          "the original")
+            else:
+                chosen = min(ok, key=lambda c: (c.worst_drop, c.latency_ms))
+                reason = (f"the most accurate candidate under {budget_ms:.2f} ms with every "
+                          f"metric within {max_drop:.1%}")
+            chosen.chosen = True
         else:
-            chosen = min(ok, key=lambda c: (c.worst_drop, c.latency_ms))
-            reason = (f"the most accurate candidate under {budget_ms:.2f} ms with every "
-                      f"metric within {max_drop:.1%}")
-        chosen.chosen = True
-    else:
-        chosen = None
-        within = [c for c in cands if c.worst_drop <= max_drop]
-        fastest = min(within, key=lambda c: c.latency_ms) if within else None
-        under = [c for c in cands if budget_ms is not None and c.latency_ms <= budget_ms]
-        best_under = min(under, key=lambda c: c.worst_drop) if under else None
-        parts = []
-        if fastest:
-            parts.append(f"the fastest within {max_drop:.1%} is {fastest.name} at "
-                         f"{fastest.latency_ms:.2f} ms ({fastest.latency_ms / base.latency_ms:.2f}"
-                         "x the original)")
-        if best_under:
-            parts.append(f"the most accurate under {budget_ms:.2f} ms is {best_under.name}, "
-                         f"worst drop {best_under.worst_drop:.1%}")
-        if budget_ms is not None and not under:
-            fastest_any = min(cands, key=lambda c: c.latency_ms)
-            parts.append(f"no candidate reached {budget_ms:.2f} ms (fastest: "
-                         f"{fastest_any.name}, {fastest_any.latency_ms:.2f} ms)")
-        reason = "no candidate met the budget: " + "; ".join(parts)
-    for c in cands:  # free the runtimes (each holds a VM and its threads)
-        c._model = None
-    if own:
-        for c in cands:
-            if not c.chosen:
-                shutil.rmtree(c.artifact_dir, ignore_errors=True)
-                c.artifact_dir = ""
-    res = CompressResult(base, cands, chosen, reason, sens, max_drop, budget_ms,
-                         time.perf_counter() - t0, cpu)
-    search.say(f"done in {res.seconds:.0f} s: {reason}")
-    return res
+            chosen = None
+            within = [c for c in cands if c.worst_drop <= max_drop]
+            fastest = min(within, key=lambda c: c.latency_ms) if within else None
+            under = [c for c in cands if budget_ms is not None and c.latency_ms <= budget_ms]
+            best_under = min(under, key=lambda c: c.worst_drop) if under else None
+            parts = []
+            if fastest:
+                parts.append(f"the fastest within {max_drop:.1%} is {fastest.name} at "
+                             f"{fastest.latency_ms:.2f} ms ({fastest.latency_ms / base.latency_ms:.2f}"
+                             "x the original)")
+            if best_under:
+                parts.append(f"the most accurate under {budget_ms:.2f} ms is {best_under.name}, "
+                             f"worst drop {best_under.worst_drop:.1%}")
+            if budget_ms is not None and not under:
+                fastest_any = min(cands, key=lambda c: c.latency_ms)
+                parts.append(f"no candidate reached {budget_ms:.2f} ms (fastest: "
+                             f"{fastest_any.name}, {fastest_any.latency_ms:.2f} ms)")
+            reason = "no candidate met the budget: " + "; ".join(parts)
+        for c in cands:  # free the runtimes (each holds a VM and its threads)
+            c._model = None
+        if own:
+            for c in cands:
+                if not c.chosen:
+                    shutil.rmtree(c.artifact_dir, ignore_errors=True)
+                    c.artifact_dir = ""
+        res = CompressResult(base, cands, chosen, reason, sens, max_drop, budget_ms,
+                             time.perf_counter() - t0, cpu)
+        search.say(f"done in {res.seconds:.0f} s: {reason}")
+        return res
+    except BaseException:  # an error or Ctrl-C mid-search: leave no candidates behind
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 def compress_or_raise(graph, /, **kw) -> CompressResult:

@@ -225,3 +225,16 @@ def test_cli_budget_errors_write_nothing(tmp_path, capsys):
     assert rc == 3 and "no candidate met the budget" in err.lower()
     assert not out.exists()
     assert (tmp_path / "rep" / "front.png").exists()
+
+
+def test_an_error_mid_search_leaves_no_candidates_behind(small, tmp_path, monkeypatch):
+    import tempfile
+    g, calib = small
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def broken(model):
+        raise RuntimeError("metric failed")
+    with pytest.raises(RuntimeError, match="metric failed"):
+        compress(g, calib=calib, metrics={"broken": broken}, max_steps=1, repeat=1,
+                 precisions=("fp32",), verbose=False)
+    assert not list(tmp_path.glob("slimc-compress-*"))
