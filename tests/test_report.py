@@ -319,7 +319,7 @@ def test_renders_in_headless_chromium(bert_run, tmp_path):
         assert (page.parent / src).read_bytes()[:8] == PNG_MAGIC
     text = " ".join(dom.text)
     assert "prune_heads" in text and "threshold_weights" in text
-    assert text.count(MISSING) == 3
+    assert text.count(MISSING) == 4  # before_after, front, target, tuning
 
 
 # ---------------------------------------------------------------------------------------------
