@@ -52,29 +52,6 @@ def _progress(label: str):
     return report
 
 
-def _interleaved_medians(fns: dict, repeat: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms of each of ``fns`` (label -> call), timed in alternating rounds (the order
-    reversed every other round), so that a slow spell of the machine falls on every label
-    alike: timing one model fully before the other showed the smaller one 13-20 % *slower* in
-    one idle run of three, in every runtime at once.
-
-    Each call waits 0.3 s first: TVM's and onnxruntime's pool workers spin ~0.2 s after a call,
-    and each onnxruntime session has a pool of its own, so the other model's spinning workers
-    would take the cores (onnxruntime measured 33 ms instead of 18 without the pause)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(repeat):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            time.sleep(0.3)
-            t = time.perf_counter()
-            fns[label]()
-            times[label].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def _ort_session(proto):
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -130,6 +107,7 @@ def _measure(models: dict, tok, seq, repeat, ids, mask, steps) -> dict[str, dict
     and the task metrics of each graph, with their 95 % intervals; ``agreement``: the mean
     cosine of each graph's held-out embeddings with the original's (1 for the original)."""
     from . import eval as ev
+    from .runtime import interleaved_medians
     steps(f"timing TVM, onnxruntime and torch on both models (median of {repeat} "
           "alternating rounds)")
     heldout = {}
@@ -145,7 +123,7 @@ def _measure(models: dict, tok, seq, repeat, ids, mask, steps) -> dict[str, dict
                       ("torch_ms", lambda m: (lambda: m.torch_fn(ids, mask)))):
         fns = {label: call(m) for label, m in models.items()
                if key != "ort_ms" or m.sess is not None}
-        medians = _interleaved_medians(fns, repeat)
+        medians = interleaved_medians(fns, repeat)
         for label, ms in medians.items():
             rows[label][key] = ms
     for label, m in models.items():
@@ -315,7 +293,7 @@ def run_demo(args) -> int:
     steps("cleanup (dead code, no-ops, constant folding)")
     optimized = passes.cleanup(pruned)
     recipe.append("cleanup")
-    structure = passes.cleanup(structured) if args.int8 else optimized
+    structure = structured if args.int8 else None  # counted before int8 (see _Model)
 
     cpu = host_cpu()
     with tempfile.TemporaryDirectory(prefix="slimc-demo-") as tmp:

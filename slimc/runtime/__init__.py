@@ -528,5 +528,28 @@ class Module:
                 "input_shapes": {s.name: list(x.shape) for s, x in zip(self.input_specs, arrays)}}
 
 
+def interleaved_medians(fns: dict, repeat: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each of ``fns`` (label -> call of no arguments), timed in alternating rounds (the order
+    reversed every other round), so that a slow spell of the machine falls on every label
+    alike: timing one model fully before the other showed the smaller one 13-20 % *slower* in
+    one idle run of three, in every runtime at once.
+
+    Each call waits 0.3 s first: TVM's and onnxruntime's pool workers spin ~0.2 s after a call,
+    and each onnxruntime session has a pool of its own, so the other model's spinning workers
+    would take the cores (onnxruntime measured 33 ms instead of 18 without the pause)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(repeat):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            time.sleep(0.3)
+            t = time.perf_counter()
+            fns[label]()
+            times[label].append((time.perf_counter() - t) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 __all__ = ["FORMAT_VERSION", "LIBRARY_FILE", "METADATA_FILE", "Module", "VMPool",
-           "check_index_ranges", "load", "load_remote", "read_metadata"]
+           "check_index_ranges", "interleaved_medians", "load", "load_remote", "read_metadata"]
