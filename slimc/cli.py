@@ -438,14 +438,14 @@ def load_plugins(specs: list[str]) -> None:
 
 def cmd_compress(args) -> int:
     from . import _atomic
-    from .compression import BudgetError, compress, minilm_metrics, parse_fraction, parse_latency
+    from .compression import (BudgetError, _check_budgets, compress, minilm_metrics,
+                              parse_fraction, parse_latency)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise OptionError(f"-o {out} is a file.", "Name a folder (new or existing) for the "
                           "compressed model, its build and its report.")
     max_drop = parse_fraction(args.max_drop)
     latency, latency_ms = parse_latency(args.latency) if args.latency else (None, None)
-    from .compression import _check_budgets
     _check_budgets(max_drop, latency, latency_ms)  # before loading anything
     g = _load_model(args.model)
     calib = _read_calib(args.calib, g)

@@ -337,8 +337,7 @@ class _Search:
         self.metrics = metrics or {"agreement": agreement_metric(graph, self.heldout)}
         self.workdir = workdir
         self.refs = [np.asarray(graph.run(*x)[0]) for x in self.scoring]
-        self.layers = graph.transformer_layers()
-        self.L = len(self.layers)
+        self.L = len(graph.transformer_layers())
         self.what = set()
         if self.L >= 2:
             self.what.add("layers")
@@ -475,7 +474,8 @@ class _Search:
             folder = os.path.join(self.workdir, f"c{self.count:02d}")
             art.save(folder)
             m = runtime.load(folder)
-            lat = _median_ms(m, self.scoring[0], self.repeat)
+            time.sleep(0.3)  # the proxy's torch threads spin after their last call
+            lat = m.benchmark(*self.scoring[0], repeat=self.repeat, warmup=2)["median_ms"]
             vals, ivs = {}, {}
             for name, metric in self.metrics.items():
                 vals[name], ivs[name] = _value(metric(m))
@@ -501,32 +501,15 @@ def _dir_size(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
-def _median_ms(model, inputs, repeat: int) -> float:
-    for _ in range(2):
-        model(*inputs)
-    time.sleep(0.3)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        model(*inputs)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-
-
 def _interleaved(cands: list[Candidate], inputs, repeat: int) -> None:
-    """Time every candidate again in alternating rounds (order reversed every other round, a
-    0.3 s pause before each call) and store the medians: one comparison, one run."""
-    times = {id(c): [] for c in cands}
-    for c in cands:
-        c._model(*inputs)
-    for r in range(repeat):
-        for c in (cands if r % 2 == 0 else cands[::-1]):
-            time.sleep(0.3)
-            t = time.perf_counter()
-            c._model(*inputs)
-            times[id(c)].append((time.perf_counter() - t) * 1e3)
-    for c in cands:
-        c.latency_ms = float(np.median(times[id(c)]))
+    """Time every candidate again in alternating rounds (:func:`slimc.runtime.
+    interleaved_medians`: order reversed every other round, a 0.3 s pause before each call)
+    and store the medians: one comparison, one run."""
+    from .runtime import interleaved_medians
+    medians = interleaved_medians({i: (lambda m=c._model: m(*inputs))
+                                   for i, c in enumerate(cands)}, repeat, warmup=1)
+    for i, c in enumerate(cands):
+        c.latency_ms = medians[i]
 
 
 def _mark_front(cands: list[Candidate]) -> None:
@@ -621,10 +604,7 @@ def compress(graph, /, *, calib: Sequence, metrics: Mapping[str, Callable] | Non
         cur = Setting()
         g, steps = search.build(cur, sens)
         cands += search.compile_and_measure(cur, g, steps, 0.0, None)
-        base = cands[0]
-        for c in cands:  # the int8 original's drops against the fp32 original
-            c.drops = {n: (base.metrics[n] - v) / abs(base.metrics[n]) if base.metrics[n] else 0.0
-                       for n, v in c.metrics.items()}
+        base = cands[0]  # fp32 is built first: the int8 original's drops are against it
         _progress_bar(len(cands), total, t0, f"original: {base.latency_ms:.2f} ms")
         cur_proxy, cur_macs = 0.0, search.macs(graph)
         dense_macs = cur_macs

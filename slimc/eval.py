@@ -306,15 +306,11 @@ def distill_batches(tok, seq: int, n: int, *, seed: int = 0, short: float = 0.5,
     return out
 
 
-def _token_stream(tok, texts) -> np.ndarray:
-    key = (id(tok), hash(texts))
-    if _TOKENS.get("key") != key:
-        enc = tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-        _TOKENS.update(key=key, ids=np.fromiter((t for row in enc for t in row), np.int64))
-    return _TOKENS["ids"]
-
-
-_TOKENS: dict = {}
+@functools.lru_cache(maxsize=2)
+def _token_stream(tok, texts: tuple[str, ...]) -> np.ndarray:
+    """``texts`` tokenized (no special tokens) and joined into one stream of ids."""
+    enc = tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    return np.fromiter((t for row in enc for t in row), np.int64)
 
 
 def _lee_documents() -> list[str]:
